@@ -1,0 +1,32 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m demo prepare demo_work
+	$(VENV)/bin/lorasched merge --base demo_work/tiny-sd --subject demo_work/subject.safetensors \
+		--style demo_work/style.safetensors --method klora --steps 20 --output demo_work/scheduled.safetensors
+	$(VENV)/bin/lorasched inspect demo_work/scheduled.safetensors --max-layers 12
+	$(PY) -m demo replay demo_work/tiny-sd demo_work/scheduled.safetensors
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_replay.py
+	$(PY) benchmarks/bench_merge.py
+
+clean:
+	rm -rf demo_work build *.egg-info

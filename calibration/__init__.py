@@ -1,0 +1,1 @@
+"""lorasched.calibration: running denoising passes with a selection rule installed online, and recording it."""

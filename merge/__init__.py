@@ -1,0 +1,1 @@
+"""lorasched.merge: LoRA files -> canonical pair -> decisions -> schedule -> exported file -> replay."""

@@ -1,0 +1,90 @@
+"""The base model as a *skeleton*: the real pipeline class and module tree, with uninitialised weights.
+
+Weight-only rules never need the base weights, only its module names and shapes (to check that a LoRA fits) and
+its pipeline class (whose `load_lora_weights` converts every LoRA key format). Building the components on the
+meta device and then `to_empty` gives real tensors that are never touched, so an SDXL skeleton costs address
+space, not memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import LoraschedError
+
+DENOISERS = ("unet", "transformer")
+_CONFIG_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json"]
+
+
+def resolve_base(base: str) -> Path:
+    """A local diffusers folder as is; a hub id by downloading its configs only (no weights)."""
+    path = Path(base)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise LoraschedError(f"{base}: not a diffusers pipeline folder (no model_index.json)")
+        return path
+    if path.exists() or base.count("/") != 1:
+        raise LoraschedError(f"{base}: neither a diffusers pipeline folder nor a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, allow_patterns=_CONFIG_PATTERNS))
+    except Exception as exc:  # network, auth or missing repo: one line for the user
+        raise LoraschedError(f"{base}: cannot fetch the pipeline configs from the hub ({type(exc).__name__})") from exc
+
+
+def model_index(base: Path) -> dict:
+    return json.loads((base / "model_index.json").read_text())
+
+
+def denoiser_name(index: dict) -> str:
+    for name in DENOISERS:
+        if isinstance(index.get(name), list) and index[name][0]:
+            return name
+    raise LoraschedError("the base pipeline has neither a unet nor a transformer")
+
+
+def _empty(cls, config) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return model.to_empty(device="cpu").eval()
+
+
+def load_skeleton(base: str):
+    """The base pipeline with untouched weights: right classes, names and shapes, fit for `load_lora_weights`."""
+    import diffusers
+    import transformers
+
+    root = resolve_base(base)
+    index = model_index(root)
+    pipeline_cls = getattr(diffusers, index["_class_name"], None)
+    if pipeline_cls is None:
+        raise LoraschedError(f"{base}: unknown pipeline class {index['_class_name']}")
+    accepted = inspect.signature(pipeline_cls.__init__).parameters
+    components: dict[str, object] = {}
+    for name, spec in index.items():
+        if name not in accepted or not isinstance(spec, list):
+            continue
+        library, class_name = spec
+        if class_name is None:
+            components[name] = None
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        folder = root / name
+        if name == "scheduler":
+            components[name] = cls.from_pretrained(folder)
+        elif library == "diffusers" and hasattr(cls, "load_config"):
+            components[name] = _empty(cls, cls.load_config(folder))
+        elif library == "transformers" and issubclass(cls, transformers.PreTrainedModel):
+            components[name] = _empty(cls, transformers.AutoConfig.from_pretrained(os.fspath(folder)))
+        else:
+            components[name] = None
+    if "requires_safety_checker" in accepted:
+        components["requires_safety_checker"] = False
+    return pipeline_cls(**components)

@@ -1,0 +1,72 @@
+"""The one-shot job: two LoRA files and a base -> one scheduled LoRA file. The CLI is a thin shell around it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import export, rules
+from .base import load_skeleton
+from .errors import LoraschedError
+from .lora import STYLE, SUBJECT, LoraPair
+from .lora_io import read_lora
+from .schedule import Schedule, from_rule
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    output: Path
+    schedule: Schedule
+    params: dict
+    both_adapted: int
+
+
+def check_paths(subject: str, style: str, output: str) -> None:
+    out = Path(output)
+    for given in (subject, style):
+        if Path(given).exists() and out.exists() and os.path.samefile(given, out):
+            raise LoraschedError(f"{output}: output path is one of the inputs")
+        if Path(given).resolve() == out.resolve():
+            raise LoraschedError(f"{output}: output path is one of the inputs")
+    if not out.parent.resolve().is_dir():
+        raise LoraschedError(f"{output}: folder {out.parent} does not exist")
+    if out.suffix != ".safetensors":
+        raise LoraschedError(f"{output}: output must be a .safetensors file")
+
+
+def read_pair(base: str, subject: str, style: str) -> tuple[LoraPair, object]:
+    """Both LoRAs read onto one skeleton of the base (see base.py); returns the pair and the skeleton."""
+    skeleton = load_skeleton(base)
+    denoiser = "unet" if getattr(skeleton, "unet", None) is not None else "transformer"
+    pair = LoraPair(
+        subject=read_lora(subject, skeleton, SUBJECT), style=read_lora(style, skeleton, STYLE), denoiser=denoiser
+    )
+    if not pair.both_adapted:
+        raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
+    return pair, skeleton
+
+
+def merge(
+    base: str,
+    subject: str,
+    style: str,
+    output: str,
+    method: str = "klora",
+    options: rules.RuleOptions = rules.RuleOptions(),
+) -> MergeResult:
+    check_paths(subject, style, output)
+    pair, skeleton = read_pair(base, subject, style)
+    rule, params = rules.build(method, pair, options)
+    schedule = from_rule(rule, pair)
+    export.export(
+        output,
+        pair,
+        schedule,
+        method=method,
+        params=params,
+        scores=getattr(rule, "scores", {}),
+        pipeline_class=type(skeleton).__name__,
+        single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
+    )
+    return MergeResult(Path(output), schedule, params, len(pair.both_adapted))

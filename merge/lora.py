@@ -1,0 +1,71 @@
+"""Canonical LoRA data: per module, the factors and scale a standard loader applies (ΔW = scale · up · down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SUBJECT = "subject"
+STYLE = "style"
+SOURCES = (SUBJECT, STYLE)
+BOTH = "both"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: `down` is (r, in[, kh, kw]), `up` is (out, r[, 1, 1]), ΔW = scale · up · down."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ΔW as a matrix (out, in·kh·kw); only rules that need every entry (K-LoRA top-K) call it."""
+        return self.scale * (self.up.flatten(1).to(dtype) @ self.down.flatten(1).to(dtype))
+
+    def energy(self) -> float:
+        """‖ΔW‖_F² through the Gram identity ((BᵀB) ∘ (AAᵀ)).sum(), without forming ΔW."""
+        a = self.down.flatten(1).to(torch.float64)
+        b = self.up.flatten(1).to(torch.float64)
+        return float(self.scale**2 * ((b.T @ b) * (a @ a.T)).sum())
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA read onto a base: module names are `<component>.<module path>` as in the diffusers pipeline."""
+
+    path: str
+    sha256: str
+    dtype: torch.dtype
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The subject and style LoRAs on the same base, plus which component is the denoiser."""
+
+    subject: LoraFile
+    style: LoraFile
+    denoiser: str
+
+    def source(self, name: str) -> LoraFile:
+        return self.subject if name == SUBJECT else self.style
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted(set(self.subject.modules) | set(self.style.modules))
+
+    @property
+    def both_adapted(self) -> list[str]:
+        """Denoiser modules both LoRAs adapt: the only ones a selection rule decides."""
+        prefix = self.denoiser + "."
+        return sorted(n for n in set(self.subject.modules) & set(self.style.modules) if n.startswith(prefix))
+
+    def is_denoiser(self, name: str) -> bool:
+        return name.startswith(self.denoiser + ".")
