@@ -95,14 +95,20 @@ def random_kohya_lora(
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
     text_encoder: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A kohya-format LoRA over the UNet attention projections, each module with its own random magnitude."""
+    """A kohya-format LoRA over UNet linears whose names end with `targets` (and the CLIP attention projections if asked),
+    each module with its own random magnitude so that selection rules have something to choose between.
+    Text-encoder keys use kohya's `lora_te_text_model_…` names whatever the transformers version calls the module."""
     generator = torch.Generator().manual_seed(seed)
+    parts = [("lora_unet_", pipe.unet, targets)]
+    if text_encoder:
+        parts.append(("lora_te_", pipe.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj")))
     tensors = {}
-    parts = [("lora_unet_", pipe.unet)] + ([("lora_te_", pipe.text_encoder)] if text_encoder else [])
-    for prefix, model in parts:
+    for prefix, model, suffixes in parts:
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets + ("q_proj", "v_proj")):
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(suffixes):
                 continue
+            if prefix == "lora_te_" and not name.startswith("text_model."):
+                name = "text_model." + name
             key = prefix + name.replace(".", "_")
             magnitude = float(torch.empty(1).log_normal_(0.0, 0.6, generator=generator))
             tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.1

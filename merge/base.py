@@ -18,7 +18,6 @@ import torch
 
 from .errors import LoraschedError
 
-DENOISERS = ("unet", "transformer")
 _CONFIG_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json"]
 
 
@@ -43,23 +42,28 @@ def model_index(base: Path) -> dict:
     return json.loads((base / "model_index.json").read_text())
 
 
-def denoiser_name(index: dict) -> str:
-    for name in DENOISERS:
-        if isinstance(index.get(name), list) and index[name][0]:
-            return name
-    raise LoraschedError("the base pipeline has neither a unet nor a transformer")
-
-
 def _empty(cls, config) -> torch.nn.Module:
     with torch.device("meta"):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     return model.to_empty(device="cpu").eval()
 
 
+def _component(library: str, class_name: str, folder: Path, is_scheduler: bool):
+    import transformers
+
+    cls = getattr(importlib.import_module(library), class_name)
+    if is_scheduler:
+        return cls.from_pretrained(folder)
+    if library == "diffusers" and hasattr(cls, "load_config"):
+        return _empty(cls, cls.load_config(folder))
+    if library == "transformers" and issubclass(cls, transformers.PreTrainedModel):
+        return _empty(cls, transformers.AutoConfig.from_pretrained(os.fspath(folder)))
+    return None
+
+
 def load_skeleton(base: str):
     """The base pipeline with untouched weights: right classes, names and shapes, fit for `load_lora_weights`."""
     import diffusers
-    import transformers
 
     root = resolve_base(base)
     index = model_index(root)
@@ -75,16 +79,11 @@ def load_skeleton(base: str):
         if class_name is None:
             components[name] = None
             continue
-        cls = getattr(importlib.import_module(library), class_name)
-        folder = root / name
-        if name == "scheduler":
-            components[name] = cls.from_pretrained(folder)
-        elif library == "diffusers" and hasattr(cls, "load_config"):
-            components[name] = _empty(cls, cls.load_config(folder))
-        elif library == "transformers" and issubclass(cls, transformers.PreTrainedModel):
-            components[name] = _empty(cls, transformers.AutoConfig.from_pretrained(os.fspath(folder)))
-        else:
-            components[name] = None
+        try:
+            components[name] = _component(library, class_name, root / name, name == "scheduler")
+        except Exception as exc:  # a broken or foreign config: one line naming the component
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LoraschedError(f"{base}: cannot build its {name} from the config ({reason})") from exc
     if "requires_safety_checker" in accepted:
         components["requires_safety_checker"] = False
     return pipeline_cls(**components)

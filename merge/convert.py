@@ -6,10 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import export, rules
 from .base import load_skeleton
 from .errors import LoraschedError
-from .lora import STYLE, SUBJECT, LoraPair
+from .lora import STYLE, SUBJECT, LoraPair, denoiser_name
 from .lora_io import read_lora
 from .schedule import Schedule, from_rule
 
@@ -38,13 +40,22 @@ def check_paths(subject: str, style: str, output: str) -> None:
 def read_pair(base: str, subject: str, style: str) -> tuple[LoraPair, object]:
     """Both LoRAs read onto one skeleton of the base (see base.py); returns the pair and the skeleton."""
     skeleton = load_skeleton(base)
-    denoiser = "unet" if getattr(skeleton, "unet", None) is not None else "transformer"
+    denoiser = denoiser_name(skeleton)
     pair = LoraPair(
         subject=read_lora(subject, skeleton, SUBJECT), style=read_lora(style, skeleton, STYLE), denoiser=denoiser
     )
     if not pair.both_adapted:
         raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
     return pair, skeleton
+
+
+def pick_device(device: str = "auto") -> str:
+    """`cuda` when asked for or, with `auto`, when present; else `cpu`."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoraschedError("--device cuda: no CUDA device is available")
+    return device
 
 
 def merge(
@@ -54,10 +65,20 @@ def merge(
     output: str,
     method: str = "klora",
     options: rules.RuleOptions = rules.RuleOptions(),
+    *,
+    steps: int = 30,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    progress=iter,
 ) -> MergeResult:
+    """Read, score, schedule and export; `steps` is the reference step count shown by `inspect`."""
+    if steps < 1:
+        raise LoraschedError(f"--steps {steps}: need at least one denoising step")
+    rules.validate(method, options)
     check_paths(subject, style, output)
     pair, skeleton = read_pair(base, subject, style)
-    rule, params = rules.build(method, pair, options)
+    rule, params = rules.build(method, pair, options, pick_device(device), progress)
+    params["steps"] = steps
     schedule = from_rule(rule, pair)
     export.export(
         output,
@@ -68,5 +89,6 @@ def merge(
         scores=getattr(rule, "scores", {}),
         pipeline_class=type(skeleton).__name__,
         single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
+        dtype=dtype,
     )
     return MergeResult(Path(output), schedule, params, len(pair.both_adapted))

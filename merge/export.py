@@ -1,8 +1,11 @@
 """Building the exported tensors: per module, both sources concatenated along the rank, in kohya format.
 
-lora_down = [c_c·σ_c·A_c ; c_s·σ_s·A_s], lora_up = [B_c | B_s], alpha = r_c + r_s (scale 1), where c_k is the
-static weight (time-average of the schedule). A plain loader thus applies c_c·ΔW_c + c_s·ΔW_s; the replay hook
-divides c_k back out. A source's block is dropped where its static weight is 0.
+lora_down = [c_c·σ_c·A_c ; c_s·σ_s·A_s], lora_up = [B_c | B_s], scale 1, where c_k is the static weight
+(time-average of the schedule). A plain loader thus applies c_c·ΔW_c + c_s·ΔW_s; the replay hook divides c_k
+back out. A source's block is dropped where its static weight is 0.
+
+No `.alpha` keys are written: every loader reads a missing alpha as alpha = rank (scale 1), while explicit
+per-module alphas that differ are mis-scaled by diffusers 0.42 (see lora_io.fold_kohya_alphas).
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ def export_dtype(pair: LoraPair) -> torch.dtype:
     return torch.promote_types(pair.subject.dtype, pair.style.dtype)
 
 
-def build_tensors(pair: LoraPair, schedule: Schedule, single_text_encoder: bool) -> tuple[dict, dict]:
+def build_tensors(
+    pair: LoraPair, schedule: Schedule, single_text_encoder: bool, dtype: torch.dtype | None = None
+) -> tuple[dict, dict]:
     """Kohya tensors for every module, and the per-module record (key, rank split, static weights)."""
-    dtype = export_dtype(pair)
+    dtype = dtype or export_dtype(pair)
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
     for name in pair.module_names:
@@ -55,7 +60,6 @@ def build_tensors(pair: LoraPair, schedule: Schedule, single_text_encoder: bool)
         key = kohya_key(name, single_text_encoder)
         tensors[f"{key}.lora_down.weight"] = torch.cat(downs, 0).to(dtype).contiguous()
         tensors[f"{key}.lora_up.weight"] = torch.cat(ups, 1).to(dtype).contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(sum(ranks)), dtype=dtype)
         records[name] = {"key": key, "ranks": ranks, "static": list(weights)}
     return tensors, records
 
@@ -90,9 +94,10 @@ def export(
     scores: dict[str, tuple[float, float]],
     pipeline_class: str,
     single_text_encoder: bool,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write the scheduled LoRA file (atomic, deterministic)."""
-    tensors, records = build_tensors(pair, schedule, single_text_encoder)
+    """Write the scheduled LoRA file (atomic, deterministic); dtype None keeps the inputs' (promoted) dtype."""
+    tensors, records = build_tensors(pair, schedule, single_text_encoder, dtype)
     for name, score in scores.items():
         records[name]["scores"] = list(score)
     sources = {

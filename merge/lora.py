@@ -24,9 +24,10 @@ class LoraModule:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense ΔW as a matrix (out, in·kh·kw); only rules that need every entry (K-LoRA top-K) call it."""
-        return self.scale * (self.up.flatten(1).to(dtype) @ self.down.flatten(1).to(dtype))
+        up = self.up.flatten(1).to(device=device, dtype=dtype)
+        return self.scale * (up @ self.down.flatten(1).to(device=device, dtype=dtype))
 
     def energy(self) -> float:
         """‖ΔW‖_F² through the Gram identity ((BᵀB) ∘ (AAᵀ)).sum(), without forming ΔW."""
@@ -69,3 +70,8 @@ class LoraPair:
 
     def is_denoiser(self, name: str) -> bool:
         return name.startswith(self.denoiser + ".")
+
+
+def denoiser_name(pipe) -> str:
+    """The pipeline component that runs once per denoising step: `unet` (SD, SDXL) or `transformer` (FLUX, SD3)."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"

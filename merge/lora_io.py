@@ -67,6 +67,24 @@ def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> No
             raise LoraschedError(f"{path}: tensor {key} holds NaN or infinite values")
 
 
+def fold_kohya_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold each kohya `.alpha` into its `lora_down` (down · alpha / r) and drop the alpha keys.
+
+    The file means ΔW = alpha / r · up · down per module. diffusers 0.42 maps the alphas of SD/SDXL kohya files
+    onto PEFT's `alpha_pattern` under names that match no module, so every module silently gets the most common
+    alpha; without alpha keys it uses scale 1 per module, which after the fold is exact.
+    """
+    folded = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        down_key = key.removesuffix(".alpha") + ".lora_down.weight"
+        if down_key in tensors:
+            down = tensors[down_key]
+            scale = float(tensors[key]) / down.shape[0]
+            folded[down_key] = (down.to(torch.float32) * scale).to(down.dtype)
+            del folded[key]
+    return folded
+
+
 def lora_components(pipe) -> list[str]:
     """Pipeline components a LoRA can adapt, in diffusers' own order (denoiser, then text encoders)."""
     return [name for name in pipe._lora_loadable_modules if getattr(pipe, name, None) is not None]
@@ -95,6 +113,13 @@ def _read_back(path: Path, pipe, adapter: str) -> dict[str, LoraModule]:
     return modules
 
 
+def _reason(exc: Exception) -> str:
+    """The most telling line of a loader's error (a size mismatch names the module and both shapes)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    telling = [line for line in lines if "size mismatch" in line or "not found" in line]
+    return (telling or lines)[0][:300]
+
+
 def read_lora(path: str | Path, skeleton, adapter: str) -> LoraFile:
     """Read `path` onto the skeleton pipeline as `adapter`; every module must exist in the base with its shape."""
     path = Path(path)
@@ -103,12 +128,11 @@ def read_lora(path: str | Path, skeleton, adapter: str) -> LoraFile:
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     with collected_loading_messages() as messages:
         try:
-            skeleton.load_lora_weights(dict(tensors), adapter_name=adapter, low_cpu_mem_usage=True)
+            skeleton.load_lora_weights(fold_kohya_alphas(tensors), adapter_name=adapter, low_cpu_mem_usage=True)
         except LoraschedError:
             raise
         except Exception as exc:  # diffusers/PEFT raise many types for a LoRA that does not fit
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LoraschedError(f"{path}: does not fit this base model ({first[:240]})") from exc
+            raise LoraschedError(f"{path}: does not fit this base model ({_reason(exc)})") from exc
     unexpected = key_problems(messages)
     if unexpected:
         raise LoraschedError(f"{path}: keys that match no module of this base ({unexpected[0][:240]})")

@@ -30,9 +30,11 @@ def collected_loading_messages():
     messages: list[str] = []
     diffusers_log = logging.getLogger("diffusers")
     transformers_log = logging.getLogger("transformers")
-    handlers, propagate, level = diffusers_log.handlers[:], diffusers_log.propagate, transformers_log.level
+    handlers, propagate = diffusers_log.handlers[:], diffusers_log.propagate
+    levels = diffusers_log.level, transformers_log.level
     diffusers_log.handlers = [_Collect(messages)]
     diffusers_log.propagate = False
+    diffusers_log.setLevel(logging.WARNING)
     transformers_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -42,7 +44,8 @@ def collected_loading_messages():
     finally:
         diffusers_log.handlers = handlers
         diffusers_log.propagate = propagate
-        transformers_log.setLevel(level)
+        diffusers_log.setLevel(levels[0])
+        transformers_log.setLevel(levels[1])
 
 
 def key_problems(messages: list[str]) -> list[str]:

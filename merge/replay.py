@@ -14,7 +14,7 @@ import bisect
 import torch
 
 from . import fileformat
-from .lora import BOTH, SOURCES, STYLE, SUBJECT
+from .lora import BOTH, SOURCES, STYLE, SUBJECT, denoiser_name
 from .quiet import collected_loading_messages, key_problems
 from .schedule import AXIS_PROGRESS, Schedule
 
@@ -36,7 +36,6 @@ def split_sources(scheduled: fileformat.ScheduledFile) -> dict[str, dict[str, to
             part = parts[source]
             part[f"{key}.lora_down.weight"] = down[offset : offset + rank].float() / weight
             part[f"{key}.lora_up.weight"] = up[:, offset : offset + rank].float()
-            part[f"{key}.alpha"] = torch.tensor(float(rank))
             offset += rank
     return parts
 
@@ -99,9 +98,8 @@ class ReplayHandle:
         self.pipe = pipe
         self.file = scheduled
         self.schedule = schedule
-        self.denoiser_name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-        denoiser = getattr(pipe, self.denoiser_name)
-        prefix = self.denoiser_name + "."
+        denoiser = getattr(pipe, denoiser_name(pipe))
+        prefix = denoiser_name(pipe) + "."
         self.previous_adapters = previous
         self.tracks: list[_Track] = []
         for name, phases in schedule.layers.items():

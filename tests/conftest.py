@@ -1,0 +1,60 @@
+"""Tiny pipelines and LoRAs built in code (seeded, no downloads), shared by the tests of a session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from demo import random_kohya_lora, tiny_sd_pipeline
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = SHARED / "fixtures" / "loras"
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A saved tiny SD pipeline folder, usable as `--base`."""
+    folder = tmp_path_factory.mktemp("base") / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kohya_pair(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
+    """Subject rank 4 / alpha 2 and style rank 8 / alpha 3, kohya format, both with CLIP attention parts.
+
+    The module sets overlap partly: to_out.0 only in the subject, ff.net.2 only in the style.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    folder = tmp_path_factory.mktemp("loras")
+    subject, style = folder / "subject.safetensors", folder / "style.safetensors"
+    save_file(random_kohya_lora(pipe, 4, 2.0, seed=1, text_encoder=True), subject)
+    style_targets = ("to_q", "to_k", "to_v", "ff.net.2")
+    save_file(random_kohya_lora(pipe, 8, 3.0, seed=2, targets=style_targets, text_encoder=True), style)
+    return subject, style
+
+
+@pytest.fixture
+def pipe64(tiny_base):
+    """A fresh float64 pipeline, so replay-vs-online differences show logic, not float32 rounding."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, steps: int, seed: int = 0) -> torch.Tensor:
+    return pipe(
+        "a photo of sks dog",
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
