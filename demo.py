@@ -6,6 +6,7 @@ Used by `make demo` (python -m demo prepare DIR; python -m demo replay BASE FILE
 from __future__ import annotations
 
 import json
+import os
 import string
 import sys
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PROMPT = "a photo of sks dog in watercolor style"
 
@@ -128,23 +131,44 @@ def prepare(workdir: Path) -> None:
 
 
 def replay(base: str, path: str) -> None:
-    """Generate with the scheduled file replayed, at two step counts, and with the file loaded plainly."""
+    """Replay the file and check it against the online rule it was made from, at two step counts."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    from calibration.online import OnlineRule
+    from merge import fileformat, rules
+    from merge.convert import read_pair
     from merge.replay import attach
 
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    scheduled = fileformat.read(path)
+    folder = Path(path).parent
+    pair, _ = read_pair(base, *(str(folder / scheduled.sources[s]["file"]) for s in ("subject", "style")))
+    options = rules.RuleOptions(**{k: scheduled.params[k] for k in ("alpha", "beta")}, pattern=scheduled.params["pattern"])
+    rule, _ = rules.build(scheduled.method, pair, options)
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)
+
+    def generate(steps: int):
+        start = time.perf_counter()
+        latents = pipe(PROMPT, num_inference_steps=steps, height=32, width=32, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+        return latents, time.perf_counter() - start
+
+    with OnlineRule(pipe, pair, rule):
+        online = {steps: generate(steps) for steps in (20, 7)}
     handle = attach(pipe, path)
     print(f"attached {path}: {len(handle.tracks)} switching layers, {len(handle.change_points)} switch points")
-    for steps in (20, 7):
-        start = time.perf_counter()
-        out = pipe(PROMPT, num_inference_steps=steps, height=32, width=32, output_type="latent",
-                   generator=torch.Generator().manual_seed(0))
-        elapsed = time.perf_counter() - start
-        print(f"replayed {steps:>2} steps in {elapsed:.2f}s: latent mean {out.images.mean():+.4f}")
+    for steps, (reference, online_time) in online.items():
+        latents, replay_time = generate(steps)
+        gap = (latents - reference).abs().max().item() / reference.abs().max().item()
+        print(f"{steps:>2} steps: replay {replay_time:.2f}s, online {scheduled.method} {online_time:.2f}s,"
+              f" max |replay - online| / max |latent| = {gap:.1e} (float32)")
     handle.detach()
-    print("detached: pipeline restored (adapters now: %s)" % (pipe.get_list_adapters() or "none"))
+    print(f"detached: pipeline restored (adapters left: {pipe.get_list_adapters() or 'none'})")
 
 
 def main(argv: list[str]) -> None:
