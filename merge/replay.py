@@ -1,15 +1,24 @@
 """Replaying a scheduled LoRA file in a diffusers pipeline: `handle = attach(pipe, path)`, `handle.detach()`.
 
-The file's factors are split back into a subject and a style adapter and loaded with the pipeline's own
-`load_lora_weights`; a forward pre-hook on the denoiser reads the `timestep` it is called with, turns it into
-denoising progress through the pipeline's scheduler, and sets the active adapter of the layers whose choice
-changed. Nothing is scored at inference: the per-step work is a lookup plus writes at switch points.
+A forward pre-hook on the denoiser reads the `timestep` it is called with, turns it into denoising progress
+through the pipeline's scheduler, and rewrites only the layers whose source changed. Nothing is scored at
+inference: the per-step work is a lookup, plus writes at switch points. Two modes:
+
+- `fused` (default): each layer's active delta is merged into its base weight; switching layers are re-merged at
+  their switch points from an exact copy of the original weight (no drift in fp16/bf16). Between switches the
+  denoiser runs at the base model's own speed; weights change in place, so `torch.compile`d denoisers keep their
+  graphs. `cross_attention_kwargs={"scale": s}` has no effect on fused layers.
+- `unfused`: the factors are split back into a subject and a style adapter, loaded with the pipeline's own
+  `load_lora_weights`; a switch sets which adapter is active in that layer (one LoRA path per layer, not two with
+  a zero scale). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a compiled denoiser.
+
 Import-light on purpose: torch, safetensors, json (through fileformat) and the objects it is handed.
 """
 
 from __future__ import annotations
 
 import bisect
+from functools import partial
 
 import torch
 
@@ -18,26 +27,25 @@ from .lora import BOTH, SOURCES, STYLE, SUBJECT, denoiser_name
 from .quiet import collected_loading_messages, key_problems
 from .schedule import AXIS_PROGRESS, Schedule
 
+MODES = ("fused", "unfused")
 ADAPTERS = {SUBJECT: "lorasched_subject", STYLE: "lorasched_style"}
-_ACTIVE = {SUBJECT: (ADAPTERS[SUBJECT],), STYLE: (ADAPTERS[STYLE],), BOTH: (ADAPTERS[SUBJECT], ADAPTERS[STYLE])}
+_ACTIVE = {SUBJECT: (SUBJECT,), STYLE: (STYLE,), BOTH: (SUBJECT, STYLE)}
 
 
-def split_sources(scheduled: fileformat.ScheduledFile) -> dict[str, dict[str, torch.Tensor]]:
-    """Undo the export's rank concatenation: one kohya state dict per source, static weights divided out."""
-    parts: dict[str, dict[str, torch.Tensor]] = {source: {} for source in SOURCES}
-    tensors = scheduled.tensors
-    for record in scheduled.modules.values():
+def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Undo the export's rank concatenation: per module, per source, (down, up) with the static weight divided out."""
+    factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, record in scheduled.modules.items():
         key = record["key"]
-        down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
-        offset = 0
+        down = scheduled.tensors[f"{key}.lora_down.weight"]
+        up = scheduled.tensors[f"{key}.lora_up.weight"]
+        offset, parts = 0, {}
         for source, rank, weight in zip(SOURCES, record["ranks"], record["static"]):
-            if rank == 0:
-                continue
-            part = parts[source]
-            part[f"{key}.lora_down.weight"] = down[offset : offset + rank].float() / weight
-            part[f"{key}.lora_up.weight"] = up[:, offset : offset + rank].float()
-            offset += rank
-    return parts
+            if rank:
+                parts[source] = (down[offset : offset + rank].float() / weight, up[:, offset : offset + rank].float())
+                offset += rank
+        factors[name] = parts
+    return factors
 
 
 class Progress:
@@ -71,13 +79,45 @@ class Progress:
         return index / len(values)
 
 
+class _FusedWeight:
+    """A layer whose active delta lives inside its weight; `write(source)` re-merges from the original."""
+
+    def __init__(self, module: torch.nn.Module, factors: dict, keep_on_device: bool) -> None:
+        module = getattr(module, "base_layer", module)  # a layer the user already wrapped with PEFT
+        self.weight = module.weight
+        self.factors = factors
+        self.original = self.weight.detach().clone() if keep_on_device else self.weight.detach().to("cpu", copy=True)
+
+    def delta(self, source: str, dtype: torch.dtype) -> torch.Tensor:
+        total = torch.zeros(self.weight.shape[0], self.weight[0].numel(), dtype=dtype, device=self.weight.device)
+        for part in _ACTIVE[source]:
+            down, up = (t.to(self.weight.device, dtype) for t in self.factors[part])
+            total.addmm_(up.flatten(1), down.flatten(1))
+        return total.view(self.weight.shape)
+
+    def write(self, source: str) -> None:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        original = self.original.to(self.weight.device, dtype)
+        with torch.no_grad():
+            self.weight.copy_(original + self.delta(source, dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.original)
+
+
+def _set_active_adapter(layer, source: str) -> None:
+    others = [name for name in layer.active_adapters if name not in ADAPTERS.values()]
+    layer.set_adapter(others + [ADAPTERS[s] for s in _ACTIVE[source]], inference_mode=True)
+
+
 class _Track:
-    """One switching layer: its phase starts and sources, and the source currently written."""
+    """One switching layer: its phase starts and sources, how to write a source, and what it runs now."""
 
-    __slots__ = ("layer", "starts", "sources", "current")
+    __slots__ = ("write", "starts", "sources", "current")
 
-    def __init__(self, layer, phases) -> None:
-        self.layer = layer
+    def __init__(self, write, phases) -> None:
+        self.write = write
         self.starts = [start for start, _ in phases]
         self.sources = [source for _, source in phases]
         self.current = None
@@ -86,39 +126,61 @@ class _Track:
         return self.sources[bisect.bisect_right(self.starts, p) - 1]
 
 
-def _set_active(layer, source: str) -> None:
-    others = [name for name in layer.active_adapters if name not in ADAPTERS.values()]
-    layer.set_adapter(others + list(_ACTIVE[source]), inference_mode=True)
-
-
 class ReplayHandle:
     """What `attach` returns: the installed schedule; `detach()` gives the pipeline back as it was."""
 
-    def __init__(self, pipe, scheduled: fileformat.ScheduledFile, schedule: Schedule, previous: list[str]) -> None:
-        self.pipe = pipe
-        self.file = scheduled
-        self.schedule = schedule
-        denoiser = getattr(pipe, denoiser_name(pipe))
+    def __init__(self, pipe, scheduled: fileformat.ScheduledFile, schedule: Schedule, mode: str) -> None:
+        self.pipe, self.file, self.schedule, self.mode = pipe, scheduled, schedule, mode
+        self.previous_adapters = list(pipe.get_active_adapters()) if hasattr(pipe, "get_active_adapters") else []
+        self._fused: list[_FusedWeight] = []
+        if mode == "fused":
+            factors = source_factors(scheduled)
+        else:
+            self._load_adapters(scheduled)
         prefix = denoiser_name(pipe) + "."
-        self.previous_adapters = previous
         self.tracks: list[_Track] = []
         for name, phases in schedule.layers.items():
-            if name.startswith(prefix):
-                layer = denoiser.get_submodule(name[len(prefix) :])
-                if len(phases) > 1:
-                    self.tracks.append(_Track(layer, phases))
-                else:
-                    _set_active(layer, phases[0][1])
+            component, _, path = name.partition(".")
+            layer = getattr(pipe, component).get_submodule(path)
+            switching = name.startswith(prefix) and len(phases) > 1
+            if mode == "fused":
+                fused = _FusedWeight(layer, factors[name], keep_on_device=switching)
+                self._fused.append(fused)
+                write = fused.write
+            else:
+                write = partial(_set_active_adapter, layer)
+            if switching:
+                self.tracks.append(_Track(write, phases))
+            else:
+                write(phases[0][1])
         self.change_points = sorted({start for track in self.tracks for start in track.starts[1:]})
         self.progress = Progress(pipe.scheduler)
         self._segment: int | None = None
         self._last_p = -1.0
+        denoiser = getattr(pipe, denoiser_name(pipe))
         self._hook = denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
 
+    def _load_adapters(self, scheduled: fileformat.ScheduledFile) -> None:
+        loaded = []
+        with collected_loading_messages() as messages:
+            for source in SOURCES:
+                state_dict = {}
+                for name, parts in source_factors(scheduled).items():
+                    if source in parts:
+                        key = scheduled.modules[name]["key"]
+                        state_dict[f"{key}.lora_down.weight"], state_dict[f"{key}.lora_up.weight"] = parts[source]
+                if state_dict:
+                    self.pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
+                    loaded.append(ADAPTERS[source])
+        problems = key_problems(messages)
+        if problems:
+            self._delete_adapters()
+            raise fileformat.FormatError(f"{scheduled.path}: does not fit this pipeline ({problems[0][:240]})")
+        self.pipe.set_adapters(self.previous_adapters + loaded)
+
     def _before_denoiser(self, module, args, kwargs):
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        p = self.progress(timestep)
-        if p < self._last_p:  # a new pipeline call: the user may have reset adapters in between
+        p = self.progress(kwargs["timestep"] if "timestep" in kwargs else args[1])
+        if p < self._last_p:  # a new pipeline call: the user may have changed adapters in between
             self._segment = None
             for track in self.tracks:
                 track.current = None
@@ -134,32 +196,32 @@ class ReplayHandle:
         for track in self.tracks:
             source = track.source_at(p)
             if source != track.current:
-                _set_active(track.layer, source)
+                track.write(source)
                 track.current = source
 
-    def detach(self) -> None:
-        self._hook.remove()
+    def _delete_adapters(self) -> None:
         loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
         with collected_loading_messages():
             self.pipe.delete_adapters([name for name in ADAPTERS.values() if name in loaded])
-        if self.previous_adapters:
+
+    def detach(self) -> None:
+        self._hook.remove()
+        for fused in self._fused:
+            fused.restore()
+        self._fused.clear()
+        if self.mode == "unfused" and self.previous_adapters:
+            self._delete_adapters()
             self.pipe.set_adapters(self.previous_adapters)
+        elif self.mode == "unfused":  # ours were the only adapters: take the PEFT wrappers out too
+            self.pipe.unload_lora_weights()
 
 
-def attach(pipe, path) -> ReplayHandle:
+def attach(pipe, path, mode: str = "fused") -> ReplayHandle:
     """Load a scheduled LoRA file into `pipe` and replay its schedule on every later `pipe(...)` call."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     scheduled = fileformat.read(path, with_tensors=True)
     schedule = Schedule.from_json(scheduled.schedule_json)
     if schedule.axis != AXIS_PROGRESS:
         raise fileformat.FormatError(f"{path}: schedule axis {schedule.axis!r} is not supported by this hook")
-    previous = list(pipe.get_active_adapters())
-    loaded = []
-    with collected_loading_messages() as messages:
-        for source, state_dict in split_sources(scheduled).items():
-            if state_dict:
-                pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
-                loaded.append(ADAPTERS[source])
-    if key_problems(messages):
-        raise fileformat.FormatError(f"{path}: does not fit this pipeline ({key_problems(messages)[0][:240]})")
-    pipe.set_adapters(previous + loaded)
-    return ReplayHandle(pipe, scheduled, schedule, previous)
+    return ReplayHandle(pipe, scheduled, schedule, mode)

@@ -8,7 +8,7 @@ from conftest import generate
 from merge import rules
 from merge.convert import merge, read_pair
 from merge.fileformat import FormatError
-from merge.replay import ADAPTERS, attach
+from merge.replay import ADAPTERS, MODES, attach
 
 MERGE_STEPS = 10
 CASES = {
@@ -32,14 +32,15 @@ def merged(tiny_base, kohya_pair, tmp_path_factory):
     return pair, files
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("steps", [MERGE_STEPS, 7, 23])
-def test_replay_equals_online_rule(merged, pipe64, case, steps):
+def test_replay_equals_online_rule(merged, pipe64, case, steps, mode):
     pair, files = merged
     path, rule = files[case]
     with OnlineRule(pipe64, pair, rule):
         online = generate(pipe64, steps)
-    handle = attach(pipe64, path)
+    handle = attach(pipe64, path, mode=mode)
     replayed = generate(pipe64, steps)
     handle.detach()
     assert (replayed - online).abs().max().item() < 1e-4
@@ -68,7 +69,8 @@ def test_replay_differs_from_plain_mix_and_from_base(merged, pipe64):
     assert (replayed - plain).abs().max() > 1e-3
 
 
-def test_replay_follows_another_scheduler(merged, pipe64):
+@pytest.mark.parametrize("mode", MODES)
+def test_replay_follows_another_scheduler(merged, pipe64, mode):
     from diffusers import DPMSolverMultistepScheduler
 
     pair, files = merged
@@ -76,19 +78,22 @@ def test_replay_follows_another_scheduler(merged, pipe64):
     pipe64.scheduler = DPMSolverMultistepScheduler.from_config(pipe64.scheduler.config)
     with OnlineRule(pipe64, pair, rule):
         online = generate(pipe64, 9)
-    handle = attach(pipe64, path)
+    handle = attach(pipe64, path, mode=mode)
     replayed = generate(pipe64, 9)
     handle.detach()
     assert (replayed - online).abs().max().item() < 1e-4
 
 
-def test_detach_restores_the_pipeline(merged, pipe64):
+@pytest.mark.parametrize("mode", MODES)
+def test_detach_restores_the_pipeline(merged, pipe64, mode):
     _, files = merged
     before = generate(pipe64, 5)
-    handle = attach(pipe64, files["klora-s"][0])
+    weights = {k: v.clone() for k, v in pipe64.unet.state_dict().items()}
+    handle = attach(pipe64, files["klora-s"][0], mode=mode)
     generate(pipe64, 5)
     handle.detach()
     assert torch.equal(generate(pipe64, 5), before)
+    assert all(torch.equal(v, weights[k]) for k, v in pipe64.unet.state_dict().items())
     assert not any(name in ADAPTERS.values() for names in pipe64.get_list_adapters().values() for name in names)
 
 
@@ -106,3 +111,24 @@ def test_attach_refuses_a_file_whose_tensors_changed(merged, pipe64, tmp_path):
     save_file(tensors, tampered, metadata=metadata)
     with pytest.raises(FormatError, match="tensor hash"):
         attach(pipe64, tampered)
+
+
+def test_fused_replay_keeps_bf16_weights_free_of_drift(merged, tiny_base):
+    """Many switches in a low-precision pipeline: every re-merge starts from the exact original weight."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    handle = attach(pipe, merged[1]["klora-s*"][0])
+    for p in [0.0, 0.3, 0.95] * 20:
+        handle.apply(p)
+    handle.apply(0.3)
+    after_many = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    handle._segment = None
+    for track in handle.tracks:
+        track.current = None
+    handle.apply(0.3)
+    assert all(torch.equal(v, after_many[k]) for k, v in pipe.unet.state_dict().items())
+    handle.detach()
+    assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())
