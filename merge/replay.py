@@ -80,26 +80,30 @@ class Progress:
 
 
 class _FusedWeight:
-    """A layer whose active delta lives inside its weight; `write(source)` re-merges from the original."""
+    """A layer whose active delta lives inside its weight; `write(source)` re-merges from the original.
+
+    The exact original is kept on the weight's device for switching layers (re-merged during denoising) and
+    on the CPU for the others (only needed by `detach`). A write is one fused `addmm` per active source.
+    """
 
     def __init__(self, module: torch.nn.Module, factors: dict, keep_on_device: bool) -> None:
         module = getattr(module, "base_layer", module)  # a layer the user already wrapped with PEFT
         self.weight = module.weight
-        self.factors = factors
+        device, dtype = self.weight.device, self.weight.dtype
+        self.factors = {source: (down.flatten(1).to(device, dtype), up.flatten(1).to(device, dtype))
+                        for source, (down, up) in factors.items()}
         self.original = self.weight.detach().clone() if keep_on_device else self.weight.detach().to("cpu", copy=True)
 
-    def delta(self, source: str, dtype: torch.dtype) -> torch.Tensor:
-        total = torch.zeros(self.weight.shape[0], self.weight[0].numel(), dtype=dtype, device=self.weight.device)
-        for part in _ACTIVE[source]:
-            down, up = (t.to(self.weight.device, dtype) for t in self.factors[part])
-            total.addmm_(up.flatten(1), down.flatten(1))
-        return total.view(self.weight.shape)
-
     def write(self, source: str) -> None:
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        original = self.original.to(self.weight.device, dtype)
+        weight = self.weight.data.view(self.weight.shape[0], -1)
+        original = self.original.to(weight.device).view_as(weight)
         with torch.no_grad():
-            self.weight.copy_(original + self.delta(source, dtype))
+            first, *rest = _ACTIVE[source]
+            down, up = self.factors[first]
+            torch.addmm(original, up, down, out=weight)
+            for part in rest:
+                down, up = self.factors[part]
+                weight.addmm_(up, down)
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -161,6 +165,8 @@ class ReplayHandle:
         self._hook = denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
 
     def _load_adapters(self, scheduled: fileformat.ScheduledFile) -> None:
+        """One PEFT adapter per source, in the denoiser's dtype (PEFT would otherwise cast activations up)."""
+        dtype = getattr(self.pipe, denoiser_name(self.pipe)).dtype
         loaded = []
         with collected_loading_messages() as messages:
             for source in SOURCES:
@@ -168,7 +174,9 @@ class ReplayHandle:
                 for name, parts in source_factors(scheduled).items():
                     if source in parts:
                         key = scheduled.modules[name]["key"]
-                        state_dict[f"{key}.lora_down.weight"], state_dict[f"{key}.lora_up.weight"] = parts[source]
+                        down, up = parts[source]
+                        state_dict[f"{key}.lora_down.weight"] = down.to(dtype)
+                        state_dict[f"{key}.lora_up.weight"] = up.to(dtype)
                 if state_dict:
                     self.pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
                     loaded.append(ADAPTERS[source])

@@ -1,0 +1,203 @@
+"""Time one denoising step of an SDXL-topology UNet: base, plain LoRA (unfused / fused), lorasched replay
+(each mode), and K-LoRA run online the way the published code runs it (dense B·A and two top-K per layer per
+call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
+several full runs after a warm-up round.
+
+    python benchmarks/bench_replay.py                  # CPU defaults: --width 0.2 --resolution 256
+    python benchmarks/bench_replay.py --width 1 --resolution 1024 --dtype fp16   # full SDXL, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.sdxl_like import build_unet, lora_targets, random_kohya  # noqa: E402
+from calibration.online import OnlineRule  # noqa: E402
+from merge import rules  # noqa: E402
+from merge.export import export  # noqa: E402
+from merge.lora import LoraFile, LoraModule, LoraPair  # noqa: E402
+from merge.quiet import collected_loading_messages  # noqa: E402
+from merge.replay import attach  # noqa: E402
+from merge.rules.klora import topk_abs_sum  # noqa: E402
+from merge.schedule import from_rule  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def tiny_sdxl_pipeline(unet):
+    """The SDXL pipeline class around the benchmark UNet; text encoders and VAE are tiny (never run here)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from demo import _tokenizer
+
+    config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(block_out_channels=[32], norm_num_groups=16, latent_channels=4),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32)),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    )
+
+
+def as_pair(subject: dict, style: dict) -> LoraPair:
+    def modules(tensors):
+        out = {}
+        for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
+            stem = key.removesuffix(".lora_down.weight")
+            down, up = tensors[key].float(), tensors[f"{stem}.lora_up.weight"].float()
+            out["unet." + NAMES[stem]] = LoraModule(down, up, float(tensors[f"{stem}.alpha"]) / down.shape[0])
+        return out
+
+    files = [LoraFile(path=f"{role}.safetensors", sha256="0" * 64, dtype=torch.float16, modules=modules(t))
+             for role, t in (("subject", subject), ("style", style))]
+    return LoraPair(subject=files[0], style=files[1], denoiser="unet")
+
+
+class PublishedKLora:
+    """K-LoRA's decision the way the public code computes it: dense ΔW and top-K for both LoRAs on every call."""
+
+    def __init__(self, pair: LoraPair, rule) -> None:
+        self.pair, self.rule = pair, rule
+
+    def choose(self, name: str, p: float) -> str:
+        subject, style = self.pair.subject.modules[name], self.pair.style.modules[name]
+        k = subject.rank * style.rank
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        score_c = topk_abs_sum(subject.delta(torch.float32, device).abs_(), k)
+        score_s = topk_abs_sum(style.delta(torch.float32, device).abs_(), k)
+        return "subject" if score_c / self.rule.gamma > score_s * self.rule.ramp(p) else "style"
+
+
+def time_run(pipe, inputs, steps: int) -> list[float]:
+    """Seconds per UNet call over one full run of `steps` timesteps (after one untimed call at the first)."""
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        pipe.unet(inputs["sample"], pipe.scheduler.timesteps[0], **inputs["kwargs"])
+    times = []
+    for t in pipe.scheduler.timesteps:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe.unet(inputs["sample"], t, **inputs["kwargs"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def configurations(pipe, path, pair, rule, subject):
+    """name -> (set up, tear down); each set-up installs one way of running the LoRA pair."""
+
+    def plain(fuse: bool):
+        def setup():
+            with collected_loading_messages():
+                pipe.load_lora_weights({k: v.to(pipe.unet.dtype) for k, v in subject.items()}, adapter_name="plain")
+            if fuse:
+                pipe.fuse_lora()
+
+        def teardown():
+            if fuse:
+                pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+
+        return setup, teardown
+
+    def replay(mode: str):
+        handles = []
+        return (lambda: handles.append(attach(pipe, path, mode=mode))), (lambda: handles.pop().detach())
+
+    online = OnlineRule(pipe, pair, PublishedKLora(pair, rule))
+    return {
+        "base, no LoRA": (lambda: None, lambda: None),
+        "plain LoRA, unfused (PEFT)": plain(False),
+        "plain LoRA, fused": plain(True),
+        "lorasched replay, unfused": replay("unfused"),
+        "lorasched replay, fused": replay("fused"),
+        "online K-LoRA (published style)": (online.__enter__, lambda: online.__exit__(None, None, None)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--width", type=float, default=1.0 if gpu else 0.2, help="channel scale (1 = SDXL)")
+    parser.add_argument("--resolution", type=int, default=1024 if gpu else 256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16" if gpu else "fp32")
+    args = parser.parse_args()
+    device, dtype = ("cuda" if gpu else "cpu"), DTYPES[args.dtype]
+
+    unet = build_unet(args.width, dtype, device)
+    pipe = tiny_sdxl_pipeline(unet).to(device)
+    pipe.unet.to(dtype)
+    targets = lora_targets(pipe.unet)
+    global NAMES
+    NAMES = {"lora_unet_" + name.replace(".", "_"): name for name, _ in targets}
+    subject, style = random_kohya(targets, args.rank, seed=1), random_kohya(targets, args.rank, seed=2)
+    pair = as_pair(subject, style)
+    rule, params = rules.build("klora", pair, rules.RuleOptions())
+    schedule = from_rule(rule, pair)
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "scheduled.safetensors"
+    export(path, pair, schedule, method="klora", params=params, scores=rule.scores,
+           pipeline_class="StableDiffusionXLPipeline", single_text_encoder=False)
+
+    side = args.resolution // 8
+    config = pipe.unet.config
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn(2, 4, side, side, generator=generator).to(device, dtype),
+        "kwargs": {
+            "encoder_hidden_states": torch.randn(2, 77, config.cross_attention_dim, generator=generator).to(device, dtype),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(2, config.projection_class_embeddings_input_dim - 1536, generator=generator).to(device, dtype),
+                "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]] * 2).to(device, dtype),
+            },
+        },
+    }
+    switching = sum(len(p) > 1 for p in schedule.layers.values())
+    print(f"SDXL-topology UNet, width {args.width} (channels {config.block_out_channels}), {args.resolution}px, "
+          f"batch 2 (CFG), {args.dtype} on {device}; {len(targets)} LoRA modules, rank {args.rank}; "
+          f"{args.steps} steps; K-LoRA schedule: {switching} switching layers")
+
+    configs = configurations(pipe, path, pair, rule, subject)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for round_ in range(args.repeats + 1):  # round-robin, so drift in machine speed hits every row alike
+        for name, (setup, teardown) in configs.items():
+            setup()
+            run = time_run(pipe, inputs, args.steps)
+            teardown()
+            if round_:
+                times[name] += run
+    rows = {name: (statistics.median(t), statistics.fmean(t)) for name, t in times.items()}
+
+    plain_unfused, plain_fused = rows["plain LoRA, unfused (PEFT)"][0], rows["plain LoRA, fused"][0]
+    print(f"\n{'configuration':<34} {'median ms':>10} {'mean ms':>9} {'÷ plain unfused':>16} {'÷ plain fused':>14}")
+    for name, (median, mean) in rows.items():
+        print(f"{name:<34} {median * 1e3:>10.1f} {mean * 1e3:>9.1f} {median / plain_unfused:>16.3f} "
+              f"{median / plain_fused:>14.3f}")
+    online = rows["online K-LoRA (published style)"][0]
+    removed = (online - rows["lorasched replay, unfused"][0]) / (online - plain_unfused)
+    print(f"\nreplay (unfused) removes {100 * removed:.1f} % of online K-LoRA's overhead over a plain unfused LoRA step")
+
+
+if __name__ == "__main__":
+    main()
