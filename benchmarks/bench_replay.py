@@ -65,7 +65,8 @@ def as_pair(subject: dict, style: dict) -> LoraPair:
 
     files = [LoraFile(path=f"{role}.safetensors", sha256="0" * 64, dtype=torch.float16, modules=modules(t))
              for role, t in (("subject", subject), ("style", style))]
-    return LoraPair(subject=files[0], style=files[1], denoiser="unet")
+    return LoraPair(subject=files[0], style=files[1], denoiser="unet",
+                    pipeline_class="StableDiffusionXLPipeline", single_text_encoder=False)
 
 
 class PublishedKLora:
@@ -157,8 +158,7 @@ def main() -> None:
     schedule = from_rule(rule, pair)
     folder = Path(tempfile.mkdtemp())
     path = folder / "scheduled.safetensors"
-    export(path, pair, schedule, method="klora", params=params, scores=rule.scores,
-           pipeline_class="StableDiffusionXLPipeline", single_text_encoder=False)
+    export(path, pair, schedule, method="klora", params=params, scores=rule.scores)
 
     side = args.resolution // 8
     config = pipe.unet.config

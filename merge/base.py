@@ -42,27 +42,32 @@ def model_index(base: Path) -> dict:
     return json.loads((base / "model_index.json").read_text())
 
 
-def _empty(cls, config) -> torch.nn.Module:
+def _empty(cls, config, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    return model.to_empty(device="cpu").eval()
+    # nn.Module.to: a dtype change on meta tensors, without diffusers' keep-in-fp32 warning for real weights
+    return torch.nn.Module.to(model, dtype=dtype).to_empty(device="cpu").eval()
 
 
-def _component(library: str, class_name: str, folder: Path, is_scheduler: bool):
+def _component(library: str, class_name: str, folder: Path, is_scheduler: bool, dtype: torch.dtype):
     import transformers
 
     cls = getattr(importlib.import_module(library), class_name)
     if is_scheduler:
         return cls.from_pretrained(folder)
     if library == "diffusers" and hasattr(cls, "load_config"):
-        return _empty(cls, cls.load_config(folder))
+        return _empty(cls, cls.load_config(folder), dtype)
     if library == "transformers" and issubclass(cls, transformers.PreTrainedModel):
-        return _empty(cls, transformers.AutoConfig.from_pretrained(os.fspath(folder)))
+        return _empty(cls, transformers.AutoConfig.from_pretrained(os.fspath(folder)), dtype)
     return None
 
 
-def load_skeleton(base: str):
-    """The base pipeline with untouched weights: right classes, names and shapes, fit for `load_lora_weights`."""
+def load_skeleton(base: str, dtype: torch.dtype = torch.float32):
+    """The base pipeline with untouched weights: right classes, names and shapes, fit for `load_lora_weights`.
+
+    `dtype` should be the LoRAs' own: PEFT casts adapter weights to the base layer's dtype, so a matching
+    skeleton keeps the factors bit-exact and uncopied.
+    """
     import diffusers
 
     root = resolve_base(base)
@@ -80,7 +85,7 @@ def load_skeleton(base: str):
             components[name] = None
             continue
         try:
-            components[name] = _component(library, class_name, root / name, name == "scheduler")
+            components[name] = _component(library, class_name, root / name, name == "scheduler", dtype)
         except Exception as exc:  # a broken or foreign config: one line naming the component
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise LoraschedError(f"{base}: cannot build its {name} from the config ({reason})") from exc

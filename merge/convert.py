@@ -12,7 +12,7 @@ from . import export, rules
 from .base import load_skeleton
 from .errors import LoraschedError
 from .lora import STYLE, SUBJECT, LoraPair, denoiser_name
-from .lora_io import read_lora
+from .lora_io import open_lora, read_lora
 from .schedule import Schedule, from_rule
 
 
@@ -37,16 +37,20 @@ def check_paths(subject: str, style: str, output: str) -> None:
         raise LoraschedError(f"{output}: output must be a .safetensors file")
 
 
-def read_pair(base: str, subject: str, style: str) -> tuple[LoraPair, object]:
-    """Both LoRAs read onto one skeleton of the base (see base.py); returns the pair and the skeleton."""
-    skeleton = load_skeleton(base)
-    denoiser = denoiser_name(skeleton)
+def read_pair(base: str, subject: str, style: str) -> LoraPair:
+    """Both LoRAs checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
+    raw_subject, raw_style = open_lora(subject), open_lora(style)
+    skeleton = load_skeleton(base, torch.promote_types(raw_subject.dtype, raw_style.dtype))
     pair = LoraPair(
-        subject=read_lora(subject, skeleton, SUBJECT), style=read_lora(style, skeleton, STYLE), denoiser=denoiser
+        subject=read_lora(raw_subject, skeleton, SUBJECT),
+        style=read_lora(raw_style, skeleton, STYLE),
+        denoiser=denoiser_name(skeleton),
+        pipeline_class=type(skeleton).__name__,
+        single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
     )
     if not pair.both_adapted:
         raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
-    return pair, skeleton
+    return pair
 
 
 def pick_device(device: str = "auto") -> str:
@@ -76,7 +80,7 @@ def merge(
         raise LoraschedError(f"--steps {steps}: need at least one denoising step")
     rules.validate(method, options)
     check_paths(subject, style, output)
-    pair, skeleton = read_pair(base, subject, style)
+    pair = read_pair(base, subject, style)
     rule, params = rules.build(method, pair, options, pick_device(device), progress)
     params["steps"] = steps
     schedule = from_rule(rule, pair)
@@ -87,8 +91,6 @@ def merge(
         method=method,
         params=params,
         scores=getattr(rule, "scores", {}),
-        pipeline_class=type(skeleton).__name__,
-        single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
         dtype=dtype,
     )
     return MergeResult(Path(output), schedule, params, len(pair.both_adapted))

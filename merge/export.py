@@ -92,12 +92,10 @@ def export(
     method: str,
     params: dict,
     scores: dict[str, tuple[float, float]],
-    pipeline_class: str,
-    single_text_encoder: bool,
     dtype: torch.dtype | None = None,
 ) -> None:
     """Write the scheduled LoRA file (atomic, deterministic); dtype None keeps the inputs' (promoted) dtype."""
-    tensors, records = build_tensors(pair, schedule, single_text_encoder, dtype)
+    tensors, records = build_tensors(pair, schedule, pair.single_text_encoder, dtype)
     for name, score in scores.items():
         records[name]["scores"] = list(score)
     sources = {
@@ -113,5 +111,5 @@ def export(
     }
     max_rank = max(sum(record["ranks"]) for record in records.values())
     title = Path(path).stem
-    metadata.update(compatibility_metadata(pipeline_class, title, sources, max_rank))
+    metadata.update(compatibility_metadata(pair.pipeline_class, title, sources, max_rank))
     fileformat.write(path, tensors, metadata)

@@ -44,37 +44,43 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _canonical_copy(source: Path, target: Path) -> None:
-    """Copy a safetensors file with its header re-serialised in sorted key order.
+def _sort_header(path: Path) -> None:
+    """Re-serialise a safetensors header with its `__metadata__` in sorted key order.
 
     safetensors writes `__metadata__` in hash-map order, which changes from run to run; sorting it makes the same
-    inputs give a byte-identical file. Data offsets are relative to the end of the header, so only padding moves.
+    inputs give a byte-identical file. Data offsets are relative to the end of the header, so only the header
+    and its padding change: in place when the length is unchanged (the usual case), else by a streamed copy.
     """
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        (size,) = struct.unpack("<Q", src.read(8))
-        header = json.loads(src.read(size))
+    with open(path, "r+b") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
         header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         raw += b" " * (-len(raw) % 8)
-        dst.write(struct.pack("<Q", len(raw)) + raw)
-        for chunk in iter(lambda: src.read(1 << 24), b""):
-            dst.write(chunk)
+        if len(raw) == size:
+            handle.seek(8)
+            handle.write(raw)
+            return
+        copy = path.with_suffix(".sorted")
+        with open(copy, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                out.write(chunk)
+    os.replace(copy, path)
 
 
 def write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write atomically (temp files in the target folder, then rename): no half-written output ever exists."""
+    """Write atomically (a temp file in the target folder, then rename): no half-written output ever exists."""
     path = Path(path)
     metadata = {**metadata, KEY_VERSION: FORMAT_VERSION, KEY_TENSOR_HASH: tensor_sha256(tensors)}
-    fd_raw, raw = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".raw")
-    fd_out, out = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd_raw)
-    os.close(fd_out)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        save_file(tensors, raw, metadata=metadata)
-        _canonical_copy(Path(raw), Path(out))
-        os.replace(out, path)
+        save_file(tensors, temp, metadata=metadata)
+        _sort_header(Path(temp))
+        os.replace(temp, path)
     finally:
-        for leftover in (raw, out):
+        for leftover in (temp, temp.removesuffix(".tmp") + ".sorted"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
 

@@ -49,11 +49,13 @@ class LoraFile:
 
 @dataclass(frozen=True)
 class LoraPair:
-    """The subject and style LoRAs on the same base, plus which component is the denoiser."""
+    """The subject and style LoRAs on the same base: which pipeline class, and which component is the denoiser."""
 
     subject: LoraFile
     style: LoraFile
     denoiser: str
+    pipeline_class: str = "StableDiffusionPipeline"
+    single_text_encoder: bool = True
 
     def source(self, name: str) -> LoraFile:
         return self.subject if name == SUBJECT else self.style

@@ -9,6 +9,7 @@ and scaling a real load would use. No key surgery lives here, only the checks th
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> No
 
 
 def fold_kohya_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold each kohya `.alpha` into its `lora_down` (down · alpha / r) and drop the alpha keys.
+    """Fold each kohya `.alpha` into its `lora_down` (down · alpha / r, in place) and drop the alpha keys.
 
     The file means ΔW = alpha / r · up · down per module. diffusers 0.42 maps the alphas of SD/SDXL kohya files
     onto PEFT's `alpha_pattern` under names that match no module, so every module silently gets the most common
@@ -79,8 +80,7 @@ def fold_kohya_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         down_key = key.removesuffix(".alpha") + ".lora_down.weight"
         if down_key in tensors:
             down = tensors[down_key]
-            scale = float(tensors[key]) / down.shape[0]
-            folded[down_key] = (down.to(torch.float32) * scale).to(down.dtype)
+            down.mul_(float(tensors[key]) / down.shape[0])
             del folded[key]
     return folded
 
@@ -120,17 +120,32 @@ def _reason(exc: Exception) -> str:
     return (telling or lines)[0][:300]
 
 
-def read_lora(path: str | Path, skeleton, adapter: str) -> LoraFile:
-    """Read `path` onto the skeleton pipeline as `adapter`; every module must exist in the base with its shape."""
-    path = Path(path)
+@dataclass
+class RawLora:
+    """A LoRA file's tensors as stored, checked but not yet mapped onto a base."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(t.dtype for t in self.tensors.values() if t.is_floating_point())
+
+
+def open_lora(path: str | Path) -> RawLora:
+    """Read and check a LoRA file: every problem found here is a one-line `LoraschedError`."""
     tensors, metadata = read_tensors(path)
     check_lora_tensors(path, tensors)
-    dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    return RawLora(Path(path), tensors, metadata)
+
+
+def read_lora(raw: RawLora, skeleton, adapter: str) -> LoraFile:
+    """Map `raw` onto the skeleton pipeline as `adapter`; every module must exist in the base with its shape."""
+    path, dtype = raw.path, raw.dtype
     with collected_loading_messages() as messages:
         try:
-            skeleton.load_lora_weights(fold_kohya_alphas(tensors), adapter_name=adapter, low_cpu_mem_usage=True)
-        except LoraschedError:
-            raise
+            skeleton.load_lora_weights(fold_kohya_alphas(raw.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
         except Exception as exc:  # diffusers/PEFT raise many types for a LoRA that does not fit
             raise LoraschedError(f"{path}: does not fit this base model ({_reason(exc)})") from exc
     unexpected = key_problems(messages)
@@ -139,4 +154,4 @@ def read_lora(path: str | Path, skeleton, adapter: str) -> LoraFile:
     modules = _read_back(path, skeleton, adapter)
     if not modules:
         raise LoraschedError(f"{path}: no module of this base is adapted by it")
-    return LoraFile(path=str(path), sha256=file_sha256(path), dtype=dtype, modules=modules, metadata=metadata)
+    return LoraFile(path=str(path), sha256=file_sha256(path), dtype=dtype, modules=modules, metadata=raw.metadata)

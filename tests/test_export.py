@@ -59,7 +59,7 @@ def test_plain_load_applies_the_static_mix_without_key_warnings(exported, tiny_b
     assert noisy == []
     scheduled = fileformat.read(exported)
     schedule = Schedule.from_json(scheduled.schedule_json)
-    pair, _ = read_pair(str(tiny_base), *map(str, kohya_pair))
+    pair = read_pair(str(tiny_base), *map(str, kohya_pair))
     checked = 0
     for name in pair.module_names:
         component, _, path = name.partition(".")
@@ -84,14 +84,14 @@ def test_mixed_per_module_alphas_are_read_as_each_module_means(tiny_base, tmp_pa
 
     from demo import random_kohya_lora
     from merge.base import load_skeleton
-    from merge.lora_io import read_lora
+    from merge.lora_io import open_lora, read_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
     tensors = random_kohya_lora(pipe, 4, 2.0, seed=5)
     tensors.update(random_kohya_lora(pipe, 8, 8.0, seed=6, targets=("to_out.0",)))
     path = tmp_path / "mixed.safetensors"
     save_file(tensors, path)
-    lora = read_lora(path, load_skeleton(str(tiny_base)), "x")
+    lora = read_lora(open_lora(path), load_skeleton(str(tiny_base)), "x")
     for name, module in lora.modules.items():
         key = "lora_unet_" + name.removeprefix("unet.").replace(".", "_")
         down, up = tensors[f"{key}.lora_down.weight"].double(), tensors[f"{key}.lora_up.weight"].double()

@@ -23,7 +23,7 @@ CASES = {
 def merged(tiny_base, kohya_pair, tmp_path_factory):
     subject, style = kohya_pair
     folder = tmp_path_factory.mktemp("merged")
-    pair, _ = read_pair(str(tiny_base), str(subject), str(style))
+    pair = read_pair(str(tiny_base), str(subject), str(style))
     files = {}
     for case, (method, options) in CASES.items():
         out = folder / f"{case}.safetensors"
