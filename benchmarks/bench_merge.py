@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,23 @@ from safetensors.torch import save_file  # noqa: E402
 from benchmarks.sdxl_like import lora_targets, random_kohya, save_base_configs, unet_config  # noqa: E402
 
 
-def child_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+# Runs a command in this interpreter and prints its own peak RSS (MiB) to stderr as it exits.
+MEASURED = (
+    "import atexit, resource, sys; "
+    "atexit.register(lambda: print('PEAK_RSS_MIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+    "file=sys.stderr)); "
+)
+
+
+def run_measured(code: str, *args: str) -> tuple[float, float, str]:
+    """(seconds, peak RSS MiB, stderr) of `python -c code args` in a child process."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", MEASURED + code, *args], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    peaks = [line.split()[1] for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_MIB")]
+    if result.returncode or not peaks:
+        sys.exit(result.stderr)
+    return seconds, float(peaks[-1]), result.stderr
 
 
 def main() -> None:
@@ -45,24 +59,18 @@ def main() -> None:
         paths[role] = folder / f"{role}.safetensors"
         save_file(random_kohya(targets, args.rank, seed), paths[role])
     input_mb = sum(p.stat().st_size for p in paths.values()) / 2**20
-    idle = subprocess.run([sys.executable, "-c", "import cli, diffusers, transformers, peft"], cwd=ROOT)
-    baseline_mb = child_peak_rss_mb()
+    _, baseline_mb, _ = run_measured("import cli, diffusers, transformers, peft, diffusers.pipelines")
     print(f"SDXL-size kohya pair: {len(targets)} modules, rank {args.rank}, fp16; inputs {input_mb:.0f} MiB in all; "
           f"device {args.device}; a child that only imports the stack peaks at {baseline_mb:.0f} MiB RSS")
     print(f"\n{'method':<8} {'seconds':>8} {'peak RSS MiB':>13} {'÷ inputs':>9} {'(peak − imports) ÷ inputs':>27}")
     for method, extra in (("klora", []), ("est", ["--beta", "0.5"]), ("direct", [])):
         output = folder / f"{method}.safetensors"
-        command = [sys.executable, "-c", "import cli; cli.main()", "merge", "--base", str(folder / "sdxl"),
-                   "--subject", str(paths["subject"]), "--style", str(paths["style"]), "--method", method,
-                   "--device", args.device, "--output", str(output), *extra]
-        start = time.perf_counter()
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if result.returncode:
-            sys.exit(result.stderr)
-        peak = child_peak_rss_mb()  # the largest child so far: methods run in rising order of memory use
+        seconds, peak, _ = run_measured(
+            "import cli; cli.main()", "merge", "--base", str(folder / "sdxl"), "--subject", str(paths["subject"]),
+            "--style", str(paths["style"]), "--method", method, "--device", args.device, "--output", str(output),
+            *extra,
+        )
         print(f"{method:<8} {seconds:>8.1f} {peak:>13.0f} {peak / input_mb:>9.2f} {(peak - baseline_mb) / input_mb:>27.2f}")
-    del idle
 
 
 if __name__ == "__main__":

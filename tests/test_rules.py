@@ -120,3 +120,16 @@ def test_klora_global_gamma_is_ratio_of_l1_sums():
     style = {"unet.a": lora([[1.0]], [[1.0]]), "unet.b": lora([[1.0]], [[2.0]])}
     assert klora.build(pair_of(subject, style), gamma_mode="global").gamma == pytest.approx(12.0 / 3.0)
     assert klora.build(pair_of(subject, style)).gamma == pytest.approx((2.0 + 5.0) / 2)
+
+
+@pytest.mark.parametrize("shape, rank, k", [((700, 900), 8, 64), ((3000, 400), 16, 256), ((640, 64 * 9), 4, 16)])
+def test_fast_topk_score_equals_the_float64_dense_score(shape, rank, k):
+    """Large modules take the float32-candidate path; its top-K sum must equal the float64 dense one."""
+    generator = torch.Generator().manual_seed(rank)
+    module = LoraModule(torch.randn(rank, shape[1], generator=generator),
+                        torch.randn(shape[0], rank, generator=generator), 0.37)
+    assert shape[0] * shape[1] > klora.EXACT_BELOW
+    dense = module.delta().abs()
+    top, l1 = klora.topk_and_l1(module, k)
+    assert top == pytest.approx(klora.topk_abs_sum(dense, k), rel=1e-12)
+    assert l1 == pytest.approx(float(dense.sum()), rel=1e-5)
