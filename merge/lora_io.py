@@ -9,6 +9,7 @@ and scaling a real load would use. No key surgery lives here, only the checks th
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import LoraschedError
-from .lora import LoraFile, LoraModule
+from .lora import LoraFile, LoraModule, denoiser_name
 from .quiet import collected_loading_messages, key_problems
 
 UNSUPPORTED_MARKERS = {
@@ -26,7 +27,16 @@ UNSUPPORTED_MARKERS = {
     "dora_scale": "DoRA",
     "lora_magnitude_vector": "DoRA",
 }
-LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "_lora.down", "_lora.up", ".lora.down", ".lora.up")
+LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "_lora.down", "_lora.up", ".lora.down", ".lora.up",
+                "_lora1.down", "_lora2.down")  # the last two: XLabs FLUX (`processor.qkv_lora1.down.weight`)
+FOREIGN_LAYOUTS = (  # (test on the key list, what to tell the user): formats no loader maps onto module names
+    (lambda keys: all(k.count(":") == 2 and k.endswith((":up", ":down")) for k in keys),
+     "cloneofsimo lora_diffusion format (`<part>:<index>:up/down` keys index a module list, no module names); "
+     "convert it with lora_diffusion's own tools first"),
+    (lambda keys: any(k.endswith(("_lora_down.weight", "_lora_up.weight")) for k in keys),
+     "malformed kohya-like keys (`…_lora_down.weight` instead of `….lora_down.weight`"
+     "{doubled}): no loader reads them; re-export the LoRA from its trainer"),
+)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -37,13 +47,37 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and `__metadata__` of a safetensors file, with one-line errors for what is not one."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict through `torch.load(weights_only=True)` (no code runs); anything but a dict of tensors
+    named by key is refused."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle that needs code to load, or not a pickle at all
+        raise LoraschedError(f"{path}: not a plain pickled state dict ({type(exc).__name__})") from exc
+    if isinstance(loaded, (list, tuple)):
+        raise LoraschedError(f"{path}: a bare pickled list of {len(loaded)} tensors without key names "
+                             "(cloneofsimo lora_diffusion .pt); nothing says which module each belongs to")
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise LoraschedError(f"{path}: the pickle holds a {type(loaded).__name__}, not a dict of tensors")
+    return dict(loaded)
+
+
+def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and `__metadata__` of a safetensors file, with one-line errors for what is not one.
+
+    Pickles (`.bin`, `.pt`) are refused unless `allow_pickle`; then they are read with `weights_only=True`.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoraschedError(f"{path}: no such file")
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        raise LoraschedError(f"{path}: pickle files are not read (they can run code); convert it to .safetensors")
+    if path.suffix in PICKLE_SUFFIXES:
+        if allow_pickle:
+            return _read_pickle(path), {}
+        raise LoraschedError(f"{path}: pickle files are not read by default (they can run code); convert it to "
+                             ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
     try:
         with safe_open(path, "pt") as handle:
             metadata = handle.metadata() or {}
@@ -61,6 +95,10 @@ def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> No
     for marker, family in UNSUPPORTED_MARKERS.items():
         if any(marker in key for key in tensors):
             raise LoraschedError(f"{path}: {family} weights are not supported (plain LoRA only)")
+    for matches, problem in FOREIGN_LAYOUTS:
+        if matches(list(tensors)):
+            doubled = ", doubled `lora_unet_unet_` prefix" if any(k.startswith("lora_unet_unet_") for k in tensors) else ""
+            raise LoraschedError(f"{path}: {problem.format(doubled=doubled)}")
     if not any(marker in key for key in tensors for marker in LORA_MARKERS):
         raise LoraschedError(f"{path}: holds no LoRA factors (is it a full checkpoint rather than a LoRA?)")
     for key, tensor in tensors.items():
@@ -133,11 +171,46 @@ class RawLora:
         return next(t.dtype for t in self.tensors.values() if t.is_floating_point())
 
 
-def open_lora(path: str | Path) -> RawLora:
+def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
     """Read and check a LoRA file: every problem found here is a one-line `LoraschedError`."""
-    tensors, metadata = read_tensors(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
     check_lora_tensors(path, tensors)
     return RawLora(Path(path), tensors, metadata)
+
+
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' own key: the LoraConfig a PEFT-format file was saved with
+PEFT_WRAPPER_PREFIX = "base_model.model"  # raw PEFT `adapter_model.safetensors` of a bare denoiser
+
+
+def adapter_config(raw: RawLora) -> dict | None:
+    """The LoraConfig kwargs diffusers saved with the file (sets its alpha), if any."""
+    text = raw.metadata.get(ADAPTER_METADATA)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise LoraschedError(f"{raw.path}: its {ADAPTER_METADATA} metadata is not JSON") from exc
+
+
+def denoiser_prefix(keys) -> str | None:
+    """The prefix of a denoiser-relative file (`down_blocks.…`, `base_model.model.down_blocks.…`), as diffusers'
+    model-level `load_lora_adapter(prefix=…)` takes it."""
+    return PEFT_WRAPPER_PREFIX if all(k.startswith(PEFT_WRAPPER_PREFIX + ".") for k in keys) else None
+
+
+def _load(raw: RawLora, skeleton, adapter: str) -> None:
+    """Pipeline-level loading converts every pipeline-level key format; a file that adapts nothing that way holds
+    keys relative to the denoiser alone (saved from the bare UNet/transformer) and goes to the model's loader."""
+    config = adapter_config(raw)
+    if config is None:
+        skeleton.load_lora_weights(fold_kohya_alphas(raw.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
+    else:  # from the path, so that diffusers applies the saved config (its alpha) itself
+        skeleton.load_lora_weights(str(raw.path), adapter_name=adapter, low_cpu_mem_usage=True)
+    if next(_adapted_layers(skeleton, adapter), None) is None:
+        denoiser = getattr(skeleton, denoiser_name(skeleton))
+        denoiser.load_lora_adapter(dict(raw.tensors), prefix=denoiser_prefix(raw.tensors), adapter_name=adapter,
+                                   metadata=config, low_cpu_mem_usage=True)
 
 
 def read_lora(raw: RawLora, skeleton, adapter: str) -> LoraFile:
@@ -145,7 +218,9 @@ def read_lora(raw: RawLora, skeleton, adapter: str) -> LoraFile:
     path, dtype = raw.path, raw.dtype
     with collected_loading_messages() as messages:
         try:
-            skeleton.load_lora_weights(fold_kohya_alphas(raw.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
+            _load(raw, skeleton, adapter)
+        except LoraschedError:
+            raise
         except Exception as exc:  # diffusers/PEFT raise many types for a LoRA that does not fit
             raise LoraschedError(f"{path}: does not fit this base model ({_reason(exc)})") from exc
     unexpected = key_problems(messages)
@@ -153,5 +228,5 @@ def read_lora(raw: RawLora, skeleton, adapter: str) -> LoraFile:
         raise LoraschedError(f"{path}: keys that match no module of this base ({unexpected[0][:240]})")
     modules = _read_back(path, skeleton, adapter)
     if not modules:
-        raise LoraschedError(f"{path}: no module of this base is adapted by it")
+        raise LoraschedError(f"{path}: no module of this base is adapted by it (a LoRA for another architecture?)")
     return LoraFile(path=str(path), sha256=file_sha256(path), dtype=dtype, modules=modules, metadata=raw.metadata)
