@@ -1,4 +1,4 @@
-"""Building the exported tensors: per module, both sources concatenated along the rank, in kohya format.
+"""Building the exported tensors: per module, both sources concatenated along the rank, in kohya or diffusers format.
 
 lora_down = [c_c·σ_c·A_c ; c_s·σ_s·A_s], lora_up = [B_c | B_s], scale 1, where c_k is the static weight
 (time-average of the schedule). A plain loader thus applies c_c·ΔW_c + c_s·ΔW_s; the replay hook divides c_k
@@ -6,6 +6,12 @@ back out. A source's block is dropped where its static weight is 0.
 
 No `.alpha` keys are written: every loader reads a missing alpha as alpha = rank (scale 1), while explicit
 per-module alphas that differ are mis-scaled by diffusers 0.42 (see lora_io.fold_kohya_alphas).
+
+Formats: `kohya` (`lora_unet_…`/`lora_te…` `.lora_down/.lora_up`, what A1111/Forge/ComfyUI read) for UNet pipelines;
+`diffusers` (the pipeline's PEFT keys `<component>.<module>.lora_A/.lora_B`, what `load_lora_weights` and
+ComfyUI's diffusers map read) everywhere. With no alphas, diffusers mirrors each module's rank into its alpha, so
+per-module ranks load at scale 1 in both. FLUX and SD3 default to `diffusers`: diffusers reads FLUX kohya files
+only at full FLUX.1 width (its qkv split hard-codes 3072) and SD3 kohya files not at all.
 """
 
 from __future__ import annotations
@@ -17,13 +23,39 @@ import torch
 from diffusers.utils import convert_state_dict_to_kohya
 
 from . import fileformat
+from .errors import LoraschedError
 from .lora import SOURCES, LoraPair
 from .schedule import Schedule
 
+KOHYA, DIFFUSERS = "kohya", "diffusers"
+FORMATS = (KOHYA, DIFFUSERS)
+KOHYA_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 BASE_VERSIONS = {  # pipeline class -> (ss_base_model_version, modelspec.architecture)
     "StableDiffusionPipeline": ("sd_v1", "stable-diffusion-v1/lora"),
     "StableDiffusionXLPipeline": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "FluxPipeline": ("flux1", "flux-1-dev/lora"),
+    "StableDiffusion3Pipeline": ("sd3", "stable-diffusion-v3-medium/lora"),
 }
+
+
+def resolve_format(requested: str | None, pipeline_class: str) -> str:
+    """`None` (auto): kohya for UNet pipelines, diffusers for FLUX/SD3; kohya on FLUX/SD3 is refused."""
+    if requested is None:
+        return KOHYA if pipeline_class in KOHYA_PIPELINES else DIFFUSERS
+    if requested not in FORMATS:
+        raise LoraschedError(f"--format {requested}: choose one of {', '.join(FORMATS)}")
+    if requested == KOHYA and pipeline_class not in KOHYA_PIPELINES:
+        raise LoraschedError(f"--format kohya: diffusers cannot load kohya files for {pipeline_class} at every size; "
+                             "use --format diffusers (ComfyUI maps those names too)")
+    return requested
+
+
+def factor_names(name: str, tensor_format: str, single_text_encoder: bool) -> tuple[str, str, str]:
+    """(record key, down tensor name, up tensor name) of a module in the given format."""
+    if tensor_format == DIFFUSERS:
+        return name, f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+    key = kohya_key(name, single_text_encoder)
+    return key, f"{key}.lora_down.weight", f"{key}.lora_up.weight"
 
 
 def kohya_key(name: str, single_text_encoder: bool) -> str:
@@ -40,9 +72,13 @@ def export_dtype(pair: LoraPair) -> torch.dtype:
 
 
 def build_tensors(
-    pair: LoraPair, schedule: Schedule, single_text_encoder: bool, dtype: torch.dtype | None = None
+    pair: LoraPair,
+    schedule: Schedule,
+    single_text_encoder: bool,
+    dtype: torch.dtype | None = None,
+    tensor_format: str = KOHYA,
 ) -> tuple[dict, dict]:
-    """Kohya tensors for every module, and the per-module record (key, rank split, static weights)."""
+    """Tensors for every module in `tensor_format`, and the per-module record (key, rank split, static weights)."""
     dtype = dtype or export_dtype(pair)
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
@@ -57,9 +93,9 @@ def build_tensors(
             downs.append(module.down.to(torch.float32) * (weight * module.scale))
             ups.append(module.up.to(torch.float32))
             ranks.append(module.rank)
-        key = kohya_key(name, single_text_encoder)
-        tensors[f"{key}.lora_down.weight"] = torch.cat(downs, 0).to(dtype).contiguous()
-        tensors[f"{key}.lora_up.weight"] = torch.cat(ups, 1).to(dtype).contiguous()
+        key, down_name, up_name = factor_names(name, tensor_format, single_text_encoder)
+        tensors[down_name] = torch.cat(downs, 0).to(dtype).contiguous()
+        tensors[up_name] = torch.cat(ups, 1).to(dtype).contiguous()
         records[name] = {"key": key, "ranks": ranks, "static": list(weights)}
     return tensors, records
 
@@ -79,7 +115,7 @@ def compatibility_metadata(pipeline_class: str, title: str, sources: dict, max_r
         "modelspec.merged_from": ", ".join(s["file"] for s in sources.values()),
         "modelspec.usage_hint": (
             "Plain loading applies a fixed mix of both LoRAs. To replay the per-layer timestep schedule, "
-            "use lorasched: merge.replay.attach(pipe, this_file)."
+            "use the lorasched replay hook: merge.replay.attach(pipe, this_file)."
         ),
     }
 
@@ -93,9 +129,12 @@ def export(
     params: dict,
     scores: dict[str, tuple[float, float]],
     dtype: torch.dtype | None = None,
+    tensor_format: str | None = None,
 ) -> None:
-    """Write the scheduled LoRA file (atomic, deterministic); dtype None keeps the inputs' (promoted) dtype."""
-    tensors, records = build_tensors(pair, schedule, pair.single_text_encoder, dtype)
+    """Write the scheduled LoRA file (atomic, deterministic); dtype None keeps the inputs' (promoted) dtype,
+    tensor_format None the architecture's default (see `resolve_format`)."""
+    tensor_format = resolve_format(tensor_format, pair.pipeline_class)
+    tensors, records = build_tensors(pair, schedule, pair.single_text_encoder, dtype, tensor_format)
     for name, score in scores.items():
         records[name]["scores"] = list(score)
     sources = {
@@ -108,6 +147,7 @@ def export(
         fileformat.KEY_SOURCES: json.dumps(sources, sort_keys=True),
         fileformat.KEY_SCHEDULE: schedule.to_json(),
         fileformat.KEY_MODULES: json.dumps(records, sort_keys=True, separators=(",", ":")),
+        fileformat.KEY_TENSOR_FORMAT: tensor_format,
     }
     max_rank = max(sum(record["ranks"]) for record in records.values())
     title = Path(path).stem

@@ -28,6 +28,8 @@ KEY_SOURCES = f"{NAMESPACE}.sources"
 KEY_SCHEDULE = f"{NAMESPACE}.schedule"
 KEY_MODULES = f"{NAMESPACE}.modules"
 KEY_TENSOR_HASH = f"{NAMESPACE}.tensor_sha256"
+KEY_TENSOR_FORMAT = f"{NAMESPACE}.tensor_format"  # `kohya` (also when absent) or `diffusers`
+PEFT_TO_HOOK = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
 
 
 class FormatError(ValueError):
@@ -85,6 +87,14 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str
                 os.unlink(leftover)
 
 
+def _hook_name(key: str) -> str:
+    """`<module>.lora_A.weight` -> `<module>.lora_down.weight`: the hook reads every format by the record key."""
+    for peft, hook in PEFT_TO_HOOK:
+        if key.endswith(peft):
+            return key.removesuffix(peft) + hook
+    return key
+
+
 @dataclass(frozen=True)
 class ScheduledFile:
     """What replay and inspect need from a file: parsed metadata, and the tensors when asked for."""
@@ -96,7 +106,7 @@ class ScheduledFile:
     sources: dict
     modules: dict[str, dict]
     schedule_json: str
-    tensors: dict[str, torch.Tensor] | None = None
+    tensors: dict[str, torch.Tensor] | None = None  # named `<record key>.lora_down/up.weight` whatever the format
 
 
 def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
@@ -112,6 +122,8 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
         tensors = load_file(os.fspath(path))
         if tensor_sha256(tensors) != metadata.get(KEY_TENSOR_HASH):
             raise FormatError(f"{path}: tensor hash does not match the schedule (weights changed after export)")
+        if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
+            tensors = {_hook_name(key): tensor for key, tensor in tensors.items()}
     return ScheduledFile(
         path=os.fspath(path),
         metadata=metadata,
