@@ -109,6 +109,12 @@ class ScheduledFile:
     tensors: dict[str, torch.Tensor] | None = None  # named `<record key>.lora_down/up.weight` whatever the format
 
 
+def is_scheduled(path: str | Path) -> bool:
+    """Whether a safetensors file carries lorasched metadata (any format version)."""
+    with safe_open(os.fspath(path), "pt") as handle:
+        return KEY_VERSION in (handle.metadata() or {})
+
+
 def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
     """Parse a lorasched file; with tensors, also refuse one whose tensor hash does not match its schedule."""
     with safe_open(os.fspath(path), "pt") as handle:
