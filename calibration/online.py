@@ -1,71 +1,132 @@
 """A selection rule run online, the way the published methods run: decided at every forward call.
 
 Forward hooks on the base pipeline's plain modules add the chosen LoRA's output, computed from the low-rank
-factors (x -> down -> up, times scale), with the decision taken from the rule's formula at the current progress.
+factors (x -> down -> up, times scale), with the decision taken from the rule at the current denoiser call.
 No PEFT, no schedule: this is the independent reference that replay is checked against, and the recorder that
 calibration runs on.
+
+Rules come in two kinds. Weight-only rules (`choose(module, p)`) decide from the progress p alone, the same for
+every sample. Feature rules (`FeatureKLRule`) decide per sample from the layer's own features; with classifier-
+free guidance the batch is [unconditional; conditional] and each prompt's decision is taken on its conditional
+half and applied to both halves, so one choice per prompt, layer and step is what gets recorded and replayed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from merge.lora import BOTH, SOURCES, LoraModule, LoraPair
-from merge.replay import Progress
+from merge.lora import BOTH, SOURCES, STYLE, SUBJECT, LoraModule, LoraPair
+from merge.replay import Clock
+from merge.rules.feature_kl import FeatureKLRule, divergences
+
+CODES = {SUBJECT: "c", STYLE: "s", BOTH: "b"}
 
 
-def lora_output(module: torch.nn.Module, x: torch.Tensor, lora: LoraModule) -> torch.Tensor:
-    """ΔW x for one LoRA on a Linear or Conv2d, without forming ΔW."""
-    down = lora.down.to(device=x.device, dtype=x.dtype)
-    up = lora.up.to(device=x.device, dtype=x.dtype)
+def lora_output(module: torch.nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """ΔW x for one LoRA on a Linear or Conv2d, from its factors (scale folded into `down`), never forming ΔW."""
     if isinstance(module, torch.nn.Conv2d):
         hidden = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
-        return F.conv2d(hidden, up) * lora.scale
-    return F.linear(F.linear(x, down), up) * lora.scale
+        return F.conv2d(hidden, up)
+    return F.linear(F.linear(x, down), up)
+
+
+def _factors(lora: LoraModule, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    down = (lora.down.to(torch.float64) * lora.scale).to(weight.device, weight.dtype)
+    return down, lora.up.to(weight.device, weight.dtype)
+
+
+@dataclass
+class Call:
+    """One denoiser call: its timestep t, progress p, noise level q; per decided layer, per sample choice codes
+    (a string over the samples) and, for feature rules, the divergences (D_c, D_s) per sample."""
+
+    t: float
+    p: float
+    q: float
+    choices: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 class OnlineRule:
-    """Install with `with OnlineRule(pipe, pair, rule): pipe(...)`; `decisions` logs (p, module, source)."""
+    """Install with `with OnlineRule(pipe, pair, rule): pipe(...)`; with `record`, `calls` logs every decision.
 
-    def __init__(self, pipe, pair: LoraPair, rule, record: bool = False) -> None:
-        self.pipe, self.pair, self.rule, self.record = pipe, pair, rule, record
+    `samples` is the number of prompts per pipeline call (to find the conditional half under CFG); None treats
+    every row of the batch as its own sample.
+    """
+
+    def __init__(self, pipe, pair: LoraPair, rule, record: bool = False, samples: int | None = None) -> None:
+        self.pipe, self.pair, self.rule, self.record, self.samples = pipe, pair, rule, record, samples
         self.decided = set(pair.both_adapted)
-        self.progress = Progress(pipe.scheduler)
-        self.p = 0.0
-        self.decisions: list[tuple[float, str, str]] = []
+        self.clock = Clock(pipe.scheduler)
+        self.call: Call | None = None
+        self.calls: list[Call] = []
         self._handles: list = []
 
     def _fixed_sources(self, name: str) -> tuple[str, ...]:
         return tuple(s for s in SOURCES if name in self.pair.source(s).modules)
 
-    def _hook(self, name: str):
+    def _decide(self, name: str, module, x: torch.Tensor, output: torch.Tensor, deltas: dict) -> torch.Tensor:
+        """The decided layer's output; records the choice (and scores) per sample."""
+        if not isinstance(self.rule, FeatureKLRule):
+            choice = self.rule.choose(name, self.call.p)
+            if self.record:
+                self.call.choices[name] = CODES[choice] * (self.samples or output.shape[0])
+            for source in SOURCES if choice == BOTH else (choice,):
+                output = output + deltas[source]  # one source at a time, in PEFT's order
+            return output
+        rows = output.shape[0]
+        half = self.samples if self.samples and rows == 2 * self.samples else 0
+        channel_dim = 1 if isinstance(module, torch.nn.Conv2d) else -1
+        d_c, d_s = divergences(
+            output[half:], deltas[SUBJECT][half:], deltas[STYLE][half:], channel_dim, self.rule.temperature
+        )
+        if self.rule.gamma is None:
+            subject = None
+            output = output + deltas[SUBJECT]
+            added = deltas[STYLE]
+        else:
+            subject = self.rule.subject_mask(d_c, d_s)
+            rows_mask = subject.repeat(2) if half else subject
+            mask = rows_mask.view(-1, *([1] * (output.dim() - 1)))
+            added = torch.where(mask, deltas[SUBJECT], deltas[STYLE])
+        if self.record:
+            codes = "b" * len(d_c) if subject is None else "".join("c" if s else "s" for s in subject.tolist())
+            self.call.choices[name] = codes
+            self.call.scores[name] = list(zip(d_c.tolist(), d_s.tolist()))
+        return output + added
+
+    def _hook(self, name: str, module):
         fixed = self._fixed_sources(name)
+        factors = {s: _factors(self.pair.source(s).modules[name], module.weight) for s in fixed}
+        decided = name in self.decided
 
         def add_lora(module, inputs, output):
-            if name in self.decided:
-                choice = self.rule.choose(name, self.p)
-                if self.record:
-                    self.decisions.append((self.p, name, choice))
-                sources = SOURCES if choice == BOTH else (choice,)
-            else:
-                sources = fixed
-            for source in sources:
-                output = output + lora_output(module, inputs[0], self.pair.source(source).modules[name])
+            x = inputs[0]
+            deltas = {s: lora_output(module, x, *factors[s]) for s in fixed}
+            if decided:
+                return self._decide(name, module, x, output, deltas)
+            for source in fixed:
+                output = output + deltas[source]
             return output
 
         return add_lora
 
-    def _set_progress(self, module, args, kwargs):
-        self.p = self.progress(kwargs["timestep"] if "timestep" in kwargs else args[1])
+    def _start_call(self, module, args, kwargs):
+        t = self.clock.timestep(kwargs["timestep"] if "timestep" in kwargs else args[1])
+        self.call = Call(t=t, p=self.clock.progress(t), q=self.clock.noise(t))
+        if self.record:
+            self.calls.append(self.call)
 
     def __enter__(self) -> "OnlineRule":
         denoiser = getattr(self.pipe, self.pair.denoiser)
-        self._handles.append(denoiser.register_forward_pre_hook(self._set_progress, with_kwargs=True))
+        self._handles.append(denoiser.register_forward_pre_hook(self._start_call, with_kwargs=True))
         for name in self.pair.module_names:
             component, _, path = name.partition(".")
             module = getattr(self.pipe, component).get_submodule(path)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_hook(self._hook(name, module)))
         return self
 
     def __exit__(self, *exc) -> None:

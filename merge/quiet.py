@@ -26,7 +26,14 @@ class _Collect(logging.Handler):
 
 @contextmanager
 def collected_loading_messages():
-    """Yield a list that receives the warnings logged or warned while loading; print none of them."""
+    """Yield a list that receives the warnings logged or warned while loading; print none of them (nor
+    diffusers' and transformers' loading progress bars)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in bars:
+        lib.disable_progress_bar()
     messages: list[str] = []
     diffusers_log = logging.getLogger("diffusers")
     transformers_log = logging.getLogger("transformers")
@@ -46,6 +53,9 @@ def collected_loading_messages():
         diffusers_log.propagate = propagate
         diffusers_log.setLevel(levels[0])
         transformers_log.setLevel(levels[1])
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def key_problems(messages: list[str]) -> list[str]:

@@ -1,8 +1,9 @@
 """Replaying a scheduled LoRA file in a diffusers pipeline: `handle = attach(pipe, path)`, `handle.detach()`.
 
-A forward pre-hook on the denoiser reads the `timestep` it is called with, turns it into denoising progress
-through the pipeline's scheduler, and rewrites only the layers whose source changed. Nothing is scored at
-inference: the per-step work is a lookup, plus writes at switch points. Two modes:
+A forward pre-hook on the denoiser reads the `timestep` it is called with, turns it into the schedule's time
+coordinate (denoising progress, or noise level for calibrated schedules; see schedule.py), and rewrites only
+the layers whose source changed. Nothing is scored at inference: the per-step work is a lookup, plus writes at
+switch points. Two modes:
 
 - `fused` (default): each layer's active delta is merged into its base weight; switching layers are re-merged at
   their switch points from an exact copy of the original weight (no drift in fp16/bf16). Between switches the
@@ -25,7 +26,7 @@ import torch
 from . import fileformat
 from .lora import BOTH, SOURCES, STYLE, SUBJECT, denoiser_name
 from .quiet import collected_loading_messages, key_problems
-from .schedule import AXIS_PROGRESS, Schedule
+from .schedule import AXES, AXIS_PROGRESS, Schedule
 
 MODES = ("fused", "unfused")
 ADAPTERS = {SUBJECT: "lorasched_subject", STYLE: "lorasched_style"}
@@ -48,16 +49,20 @@ def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[str, t
     return factors
 
 
-class Progress:
-    """Denoising progress p = n / N of a denoiser call, from its timestep and the scheduler's timesteps.
+class Clock:
+    """Where a denoiser call sits on a schedule's time axis, read from the `timestep` it is called with.
 
-    n is the position of the timestep among the scheduler's distinct timesteps (so second-order schedulers
-    that call twice per step, and img2img runs that start late, map to the same p as a full run).
-    Transformers that receive timestep / 1000 (FLUX) are matched on that scale too.
+    `progress`: the position of the timestep among the scheduler's distinct timesteps, n / N (second-order
+    schedulers that call twice per step, and img2img runs that start late, map to the same p as a full run).
+    `noise`: 1 − t / T_train, independent of the step count and spacing. Transformers that receive timestep / 1000
+    (FLUX) are matched on the scheduler's scale too.
     """
 
-    def __init__(self, scheduler) -> None:
-        self.scheduler = scheduler
+    def __init__(self, scheduler, axis: str = AXIS_PROGRESS) -> None:
+        if axis not in AXES:
+            raise ValueError(f"unknown time axis {axis!r}")
+        self.scheduler, self.axis = scheduler, axis
+        self.train_steps = float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
         self._source = None
         self._values: list[float] = []
 
@@ -69,14 +74,24 @@ class Progress:
             self._source = timesteps
         return self._values
 
-    def __call__(self, timestep) -> float:
+    def timestep(self, timestep) -> float:
+        """The call's timestep on the scheduler's scale."""
         values = self._distinct()
         if not values:
             raise RuntimeError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        candidates = [t, t * 1000.0] if max(values) > 1.5 >= t else [t]
-        index = min((abs(v - c), i) for c in candidates for i, v in enumerate(values))[1]
-        return index / len(values)
+        return t * 1000.0 if max(values) > 1.5 >= t else t
+
+    def progress(self, t: float) -> float:
+        values = self._distinct()
+        return min((abs(v - t), i) for i, v in enumerate(values))[1] / len(values)
+
+    def noise(self, t: float) -> float:
+        return min(max(1.0 - t / self.train_steps, 0.0), 1.0)
+
+    def __call__(self, timestep) -> float:
+        t = self.timestep(timestep)
+        return self.progress(t) if self.axis == AXIS_PROGRESS else self.noise(t)
 
 
 class _FusedWeight:
@@ -158,7 +173,7 @@ class ReplayHandle:
             else:
                 write(phases[0][1])
         self.change_points = sorted({start for track in self.tracks for start in track.starts[1:]})
-        self.progress = Progress(pipe.scheduler)
+        self.clock = Clock(pipe.scheduler, schedule.axis)
         self._segment: int | None = None
         self._last_p = -1.0
         denoiser = getattr(pipe, denoiser_name(pipe))
@@ -187,7 +202,7 @@ class ReplayHandle:
         self.pipe.set_adapters(self.previous_adapters + loaded)
 
     def _before_denoiser(self, module, args, kwargs):
-        p = self.progress(kwargs["timestep"] if "timestep" in kwargs else args[1])
+        p = self.clock(kwargs["timestep"] if "timestep" in kwargs else args[1])
         if p < self._last_p:  # a new pipeline call: the user may have changed adapters in between
             self._segment = None
             for track in self.tracks:
@@ -230,6 +245,6 @@ def attach(pipe, path, mode: str = "fused") -> ReplayHandle:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     scheduled = fileformat.read(path, with_tensors=True)
     schedule = Schedule.from_json(scheduled.schedule_json)
-    if schedule.axis != AXIS_PROGRESS:
+    if schedule.axis not in AXES:
         raise fileformat.FormatError(f"{path}: schedule axis {schedule.axis!r} is not supported by this hook")
     return ReplayHandle(pipe, scheduled, schedule, mode)

@@ -6,7 +6,7 @@ import math
 import os
 
 from .fileformat import ScheduledFile
-from .schedule import Schedule
+from .schedule import AXIS_PROGRESS, Schedule
 
 
 def first_step(p: float, steps: int) -> int:
@@ -14,18 +14,24 @@ def first_step(p: float, steps: int) -> int:
     return math.ceil(p * steps - 1e-12)
 
 
-def describe_phases(phases, steps: int) -> str:
+def describe_phases(phases, steps: int, schedule: Schedule) -> str:
+    """`subject → style at p=0.350 (step 7)`; on the noise axis `at q=…` with the calibration step it begins."""
     if len(phases) == 1:
         return f"{phases[0][1]} throughout"
     parts = [phases[0][1]]
     for start, source in phases[1:]:
-        parts.append(f"→ {source} at p={start:.3f} (step {first_step(start, steps)})")
+        if schedule.axis == AXIS_PROGRESS:
+            parts.append(f"→ {source} at p={start:.3f} (step {first_step(start, steps)})")
+        else:
+            parts.append(f"→ {source} at q={start:.3f} (step {schedule.bins.index(start)})")
     return " ".join(parts)
 
 
 def summary_lines(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
     params = dict(scheduled.params)
     steps = int(params.pop("steps", 30))
+    calibration = params.pop("calibration", None)
+    probe = params.pop("beta_source", None)
     setting = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     switching = sum(1 for phases in schedule.layers.values() if len(phases) > 1)
     size_mb = os.path.getsize(scheduled.path) / 2**20
@@ -33,11 +39,21 @@ def summary_lines(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
         f"file        {scheduled.path} ({size_mb:.2f} MiB, lorasched format {scheduled.metadata['lorasched.format_version']})",
         f"method      {scheduled.method}  {setting}".rstrip(),
     ]
+    if isinstance(probe, dict):
+        lines.append(f"probe β     1 − cos = 1 − {probe['similarity']:.4f} by {probe['embedder']} on {probe['prompt']!r}"
+                     f" (seed {probe['seed']}, {probe['steps']} steps)")
+    if calibration:
+        lines.append(
+            f"calibration {len(calibration['prompts'])} prompts × seeds {calibration['seeds']}, {steps} steps, "
+            f"{calibration['size']} px, guidance {calibration['guidance']:g}; mean agreement "
+            f"{calibration['mean_agreement']:.1%}; log {calibration['log']}"
+        )
     for role, source in sorted(scheduled.sources.items(), reverse=True):
         lines.append(f"{role:<11} {source['file']}  sha256 {source['sha256'][:12]}  {source['dtype']}")
+    axis = (f"step numbers below are for {steps} steps" if schedule.axis == AXIS_PROGRESS
+            else "time axis: noise level q = 1 − t/T, steps as in calibration")
     lines.append(
-        f"layers      {len(schedule.layers)} ({switching} switch, {len(schedule.layers) - switching} constant);"
-        f" step numbers below are for {steps} steps"
+        f"layers      {len(schedule.layers)} ({switching} switch, {len(schedule.layers) - switching} constant); {axis}"
     )
     return lines
 
@@ -49,7 +65,37 @@ def table_lines(scheduled: ScheduledFile, schedule: Schedule, max_layers: int | 
     lines = [f"{'layer':<{width}}  static c/s   schedule"]
     for name in names[:max_layers]:
         c_subject, c_style = scheduled.modules[name]["static"]
-        lines.append(f"{name:<{width}}  {c_subject:.2f}/{c_style:.2f}  {describe_phases(schedule.layers[name], steps)}")
+        lines.append(f"{name:<{width}}  {c_subject:.2f}/{c_style:.2f}  {describe_phases(schedule.layers[name], steps, schedule)}")
     if max_layers is not None and len(names) > max_layers:
         lines.append(f"… {len(names) - max_layers} more layers (--max-layers to show more)")
     return lines
+
+
+def decided_layers(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
+    """The denoiser layers a rule decides: those with calibration votes or recorded scores; for a rule without
+    either (direct), every layer outside the text encoders that carries both LoRAs."""
+    if schedule.agreement is not None:
+        return sorted(schedule.agreement)
+    scored = sorted(name for name, record in scheduled.modules.items() if "scores" in record)
+    return scored or sorted(
+        name for name, record in scheduled.modules.items()
+        if all(record["ranks"]) and not name.startswith("text_encoder")
+    )
+
+
+def verify_lines(result: dict) -> list[str]:
+    """What `lorasched verify` prints: agreement, deviation, timing, and the least agreeing layers."""
+    worst = sorted(result["agreement_per_layer"].items(), key=lambda item: item[1])[:3]
+    per_step = " ".join(f"{share:.0%}" for share in result["agreement_per_step"])
+    speed = result["seconds_per_image_online"] / result["seconds_per_image_replay"]
+    return [
+        f"file        {result['file']} ({result['method']}, replay mode {result['mode']})",
+        f"runs        {len(result['prompts'])} prompt(s) × seeds {result['seeds']}, {result['steps']} steps",
+        f"agreement   {result['agreement']:.2%} of (layer, step) decisions",
+        f"per step    {per_step}",
+        "worst       " + ", ".join(f"{name} {share:.0%}" for name, share in worst),
+        f"deviation   latents max |Δ| {result['latent_max_abs_diff']:.3g}, mean |Δ| {result['latent_mean_abs_diff']:.3g};"
+        f" image PSNR min {result['psnr_db_min']:.1f} dB, mean {result['psnr_db_mean']:.1f} dB",
+        f"time        online {result['seconds_per_image_online']:.2f} s/image, replay "
+        f"{result['seconds_per_image_replay']:.2f} s/image ({speed:.2f}× faster)",
+    ]

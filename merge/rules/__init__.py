@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 from ..errors import LoraschedError
 from ..lora import LoraPair
-from . import direct, est, klora
+from . import direct, est, feature_kl, klora
+from .ramp import Ramp
+from .switch import SwitchRule
 
-METHODS = ("klora", "est", "direct")
+METHODS = ("klora", "est", "direct", "feature-kl")
+CALIBRATED = ("feature-kl",)  # input-dependent: scheduled from calibration runs, not from weights
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,7 @@ class RuleOptions:
     alpha: float | None = None
     beta: float | None = None
     gamma: str = "trimmed"
+    temperature: float = 1.0  # feature-kl softmax temperature
 
 
 def validate(method: str, options: RuleOptions) -> None:
@@ -27,20 +31,39 @@ def validate(method: str, options: RuleOptions) -> None:
         raise LoraschedError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if method == "klora" and options.pattern not in klora.PATTERNS:
         raise LoraschedError(f"unknown K-LoRA pattern {options.pattern!r} (choose from {', '.join(klora.PATTERNS)})")
-    if method == "est" and options.beta is None:
-        raise LoraschedError("--method est needs --beta (β = 1 − similarity of the two probe images)")
+    if method == "feature-kl" and not options.temperature > 0:
+        raise LoraschedError(f"--temperature {options.temperature}: must be positive")
 
 
 def build(method: str, pair: LoraPair, options: RuleOptions, device: str | None = None, progress=iter):
-    """(rule, params recorded in the file) for a method name; `progress` wraps the per-module scoring loop."""
+    """(rule, params recorded in the file) for a weight-only method; `progress` wraps the per-module scoring loop.
+
+    EST needs β here: the converter measures it from probe images first when the user gives none.
+    """
     validate(method, options)
+    if method in CALIBRATED:
+        raise ValueError(f"{method} is calibrated from denoising runs, not built from weights")
     if method == "klora":
         rule = klora.build(pair, options.pattern, options.alpha, options.beta, options.gamma, device, progress)
         params = {"pattern": options.pattern, "gamma_mode": options.gamma}
     elif method == "est":
+        if options.beta is None:
+            raise LoraschedError("--method est needs β: give --beta, or let probe images measure it")
         rule = est.build(pair, options.beta, est.DEFAULT_ALPHA if options.alpha is None else options.alpha)
         params = {"pattern": "s", "gamma_mode": "trimmed-energy", "beta_source": "given"}
     else:
         return direct.DirectRule(), {}
     params.update(alpha=rule.ramp.alpha, beta=rule.ramp.beta, gamma=rule.gamma)
     return rule, params
+
+
+def from_file(method: str, params: dict, modules: dict[str, dict]):
+    """The rule a scheduled file was made with, from its recorded parameters and per-layer scores: what
+    `verify` runs online next to the replay, without the original LoRA files."""
+    if method == "direct":
+        return direct.DirectRule()
+    if method in CALIBRATED:
+        return feature_kl.FeatureKLRule(gamma=params["gamma"], temperature=params["temperature"])
+    wrap = method == "klora" and params.get("pattern") == "s*"
+    scores = {name: tuple(record["scores"]) for name, record in modules.items() if "scores" in record}
+    return SwitchRule(scores=scores, gamma=params["gamma"], ramp=Ramp(params["alpha"], params["beta"], wrap))

@@ -1,0 +1,172 @@
+"""Calibration runs: the pipeline with the online rule installed, over prompts × seeds, logged to a JSONL file.
+
+The log's first line is a header (settings, the decided layers in a fixed order, and for feature rules the γ of
+the balance run); every later line is one finished run (prompt, seed) with, per denoiser call, its time
+coordinates and one choice code per layer ("c" subject, "s" style, "b" both) plus the scores behind it. Lines are
+appended and flushed per batch, so an interrupted calibration resumes from the runs already logged, and a later
+merge can re-aggregate without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from merge.errors import LoraschedError
+from merge.lora import LoraPair
+from merge.rules.feature_kl import FeatureKLRule, balance
+
+from .online import OnlineRule
+
+LOG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a calibration run depends on; a log is only resumed or reused under the same settings."""
+
+    method: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    pair: tuple[str, str]  # sha256 of the subject and style files
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(prompt, seed) for seed in self.seeds for prompt in self.prompts]
+
+
+@dataclass
+class Log:
+    """A calibration log in memory: the header and the finished runs."""
+
+    settings: Settings
+    layers: list[str]
+    gamma: float | None
+    runs: list[dict]
+
+    def done(self) -> set[tuple[str, int]]:
+        return {(run["prompt"], run["seed"]) for run in self.runs}
+
+
+def _header(log: Log) -> dict:
+    settings = asdict(log.settings)
+    return {"lorasched_calibration": LOG_VERSION, "settings": settings, "layers": log.layers, "gamma": log.gamma}
+
+
+def read_log(path: Path) -> Log:
+    """A log file; a torn last line (the process was killed mid-write) is dropped."""
+    lines = Path(path).read_text().splitlines()
+    try:
+        header = json.loads(lines[0])
+        if header.get("lorasched_calibration") != LOG_VERSION:
+            raise ValueError
+        raw = header["settings"]
+        settings = Settings(**{**raw, "prompts": tuple(raw["prompts"]), "seeds": tuple(raw["seeds"]),
+                               "pair": tuple(raw["pair"])})
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise LoraschedError(f"{path}: not a lorasched calibration log") from None
+    runs = []
+    for line in lines[1:]:
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return Log(settings=settings, layers=header["layers"], gamma=header["gamma"], runs=runs)
+
+
+def _generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per sample: each prompt of a batch gets the latents it would get alone, on any device."""
+    return [torch.Generator("cpu").manual_seed(seed) for _ in range(count)]
+
+
+class Runner:
+    """Runs the pipeline with a rule installed and turns what the rule recorded into log lines."""
+
+    def __init__(self, pipe, pair: LoraPair, settings: Settings, batch_size: int = 4, bar=None) -> None:
+        self.pipe, self.pair, self.settings, self.batch_size, self.bar = pipe, pair, settings, batch_size, bar
+
+    def _step_callback(self, count: int):
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            if self.bar is not None:
+                self.bar.update(count)
+            return callback_kwargs
+
+        return on_step_end
+
+    def run(self, rule, prompts: list[str], seed: int) -> list[dict]:
+        """One pipeline call for a batch of prompts at one seed; one log record per prompt."""
+        with OnlineRule(self.pipe, self.pair, rule, record=True, samples=len(prompts)) as online:
+            self.pipe(
+                prompt=prompts,
+                num_inference_steps=self.settings.steps,
+                guidance_scale=self.settings.guidance,
+                height=self.settings.height,
+                width=self.settings.width,
+                generator=_generators(seed, len(prompts)),
+                output_type="latent",
+                callback_on_step_end=self._step_callback(len(prompts)),
+            )
+        layers = self.pair.both_adapted
+        records = []
+        for i, prompt in enumerate(prompts):
+            calls = []
+            for call in online.calls:
+                entry = {"t": call.t, "p": call.p, "q": call.q, "choices": "".join(call.choices[n][i] for n in layers)}
+                if call.scores:
+                    entry["scores"] = [list(call.scores[n][i]) for n in layers]
+                calls.append(entry)
+            records.append({"prompt": prompt, "seed": seed, "calls": calls})
+        return records
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as handle:
+        handle.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def gamma_from_balance_run(records: list[dict]) -> float:
+    """Feature rules: γ from the divergences of the balance run (both LoRAs applied, every layer and step)."""
+    return balance([c / s if s > 0 else float("inf") for r in records for call in r["calls"] for c, s in call["scores"]])
+
+
+def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_size: int = 4, bar=None) -> Log:
+    """Run every (prompt, seed) not yet in the log at `path` and append it; returns the complete log.
+
+    A feature rule without γ first runs its balance run (first prompt, first seed, both LoRAs) to fix γ.
+    `bar` (tqdm-like, total = runs × steps) is advanced once per prompt and step.
+    """
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        log = read_log(path)
+        if log.settings != settings:
+            raise LoraschedError(f"{path}: calibration log was made with other settings; give a new --log path")
+        if isinstance(rule, FeatureKLRule):
+            rule = FeatureKLRule(gamma=log.gamma, temperature=rule.temperature)
+    else:
+        runner = Runner(pipe, pair, settings, batch_size)
+        gamma = None
+        if isinstance(rule, FeatureKLRule) and rule.gamma is None:
+            gamma = gamma_from_balance_run(runner.run(rule, [settings.prompts[0]], settings.seeds[0]))
+            rule = FeatureKLRule(gamma=gamma, temperature=rule.temperature)
+        log = Log(settings=settings, layers=pair.both_adapted, gamma=gamma, runs=[])
+        path.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
+    done = log.done()
+    if bar is not None:
+        bar.update(len(done) * settings.steps)
+    runner = Runner(pipe, pair, settings, batch_size, bar)
+    for seed in settings.seeds:
+        todo = [prompt for prompt in settings.prompts if (prompt, seed) not in done]
+        for start in range(0, len(todo), batch_size):
+            records = runner.run(rule, todo[start : start + batch_size], seed)
+            _append(path, records)
+            log.runs.extend(records)
+    return log

@@ -1,0 +1,219 @@
+"""How faithful is a scheduled file? The online rule and the replay side by side on held-out prompts and seeds.
+
+For each (prompt, seed): one run with the rule decided online (recording every decision), one with the file
+replayed by `attach`, same inputs. Reported: how often the schedule's choice equals the online decision (overall,
+per layer, per step), how far the outputs drift apart (final latents, and PSNR of the decoded images), and the
+time per image of each. The rule is rebuilt from the file alone (its parameters, scores and factors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge import fileformat, rules
+from merge.errors import LoraschedError
+from merge.lora import SOURCES, LoraFile, LoraModule, LoraPair, denoiser_name
+from merge.replay import attach, source_factors
+from merge.report import decided_layers
+from merge.rules.feature_kl import FeatureKLRule
+from merge.schedule import AXIS_PROGRESS, Schedule
+
+from .online import CODES, OnlineRule
+from .runner import _generators
+
+
+def pair_from_file(scheduled: fileformat.ScheduledFile, pipe) -> LoraPair:
+    """The two LoRAs as the file carries them (static weights divided out), ready for the online rule."""
+    modules = {source: {} for source in SOURCES}
+    for name, parts in source_factors(scheduled).items():
+        for source, (down, up) in parts.items():
+            modules[source][name] = LoraModule(down=down, up=up, scale=1.0)
+    files = {
+        source: LoraFile(path=info["file"], sha256=info["sha256"], dtype=torch.float32, modules=modules[source])
+        for source, info in scheduled.sources.items()
+    }
+    return LoraPair(subject=files["subject"], style=files["style"], denoiser=denoiser_name(pipe),
+                    pipeline_class=type(pipe).__name__)
+
+
+@dataclass
+class Tally:
+    """Agreement counts: overall, per layer, per step index."""
+
+    agree: int = 0
+    total: int = 0
+    layers: dict[str, list[int]] = field(default_factory=dict)
+    steps: dict[int, list[int]] = field(default_factory=dict)
+    cells: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+    def add(self, layer: str, step: int, same: bool) -> None:
+        self.agree += same
+        self.total += 1
+        for table, key in ((self.layers, layer), (self.steps, step), (self.cells, (layer, step))):
+            counts = table.setdefault(key, [0, 0])
+            counts[0] += same
+            counts[1] += 1
+
+    @property
+    def fraction(self) -> float:
+        return self.agree / self.total if self.total else 1.0
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two image batches in [0, 1]; inf when identical."""
+    mse = float((a.double() - b.double()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+class Generation:
+    """One pipeline call that keeps both the decoded images and the final latents (from the step callback)."""
+
+    def __init__(self, pipe, steps: int, guidance: float, size: int) -> None:
+        self.pipe, self.steps, self.guidance, self.size = pipe, steps, guidance, size
+
+    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        final = {}
+
+        def keep_latents(pipe, step, timestep, callback_kwargs):
+            final["latents"] = callback_kwargs["latents"].detach().clone()
+            return callback_kwargs
+
+        start = time.perf_counter()
+        images = self.pipe(
+            prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.size,
+            width=self.size, generator=_generators(seed, 1), output_type="pt", callback_on_step_end=keep_latents,
+        ).images
+        if self.pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        return final["latents"].float().cpu(), images.float().cpu(), time.perf_counter() - start
+
+
+def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
+           mode: str = "unfused", pair: LoraPair | None = None, bar=None) -> dict:
+    """The report as a dict (see module docstring); `bar` is advanced once per generated image.
+
+    `pair`: the source LoRAs, needed for feature rules where the file dropped a LoRA's factors on layers that
+    never use it (weight-only rules decide from recorded scores and need only the file).
+    """
+    scheduled = fileformat.read(path, with_tensors=True)
+    schedule = Schedule.from_json(scheduled.schedule_json)
+    pair = pair or pair_from_file(scheduled, pipe)
+    rule = rules.from_file(scheduled.method, scheduled.params, scheduled.modules)
+    layers = decided_layers(scheduled, schedule)
+    feature_rule = isinstance(rule, FeatureKLRule)
+    if feature_rule and not set(layers) <= set(pair.both_adapted):
+        missing = len(set(layers) - set(pair.both_adapted))
+        raise LoraschedError(f"{path}: the file drops an unused LoRA's factors on {missing} layers; the online "
+                             "feature-kl rule needs both: give --subject and --style")
+    generate = Generation(pipe, steps, guidance, size)
+    Generation(pipe, 1, guidance, size)(prompts[0], seeds[0])  # warm-up, so the first timed run is not penalised
+    runs = [(prompt, seed) for seed in seeds for prompt in prompts]
+    tally, online_out, online_time = Tally(), [], []
+    for prompt, seed in runs:
+        with OnlineRule(pipe, pair, rule, record=True, samples=1) as online:
+            latents, images, seconds = generate(prompt, seed)
+        online_out.append((latents, images))
+        online_time.append(seconds)
+        for step, call in enumerate(online.calls):
+            at = call.p if schedule.axis == AXIS_PROGRESS else call.q
+            for layer in layers:
+                decision = call.choices[layer] if feature_rule else CODES[rule.choose(layer, call.p)]
+                tally.add(layer, step, CODES[schedule.active(layer, at)] == decision)
+        if bar is not None:
+            bar.update(1)
+    handle = attach(pipe, path, mode=mode)
+    try:
+        replayed, replay_time = [], []
+        for prompt, seed in runs:
+            latents, images, seconds = generate(prompt, seed)
+            replayed.append((latents, images))
+            replay_time.append(seconds)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        handle.detach()
+    latent_diff = torch.stack([(a[0] - b[0]).abs().max() for a, b in zip(online_out, replayed)])
+    latent_mean = torch.stack([(a[0] - b[0]).abs().mean() for a, b in zip(online_out, replayed)])
+    image_psnr = [psnr(a[1], b[1]) for a, b in zip(online_out, replayed)]
+    return {
+        "file": str(path),
+        "method": scheduled.method,
+        "mode": mode,
+        "prompts": prompts,
+        "seeds": seeds,
+        "steps": steps,
+        "layers": layers,
+        "agreement": tally.fraction,
+        "agreement_per_layer": {name: a / n for name, (a, n) in sorted(tally.layers.items())},
+        "agreement_per_step": [tally.steps[i][0] / tally.steps[i][1] for i in sorted(tally.steps)],
+        "agreement_grid": [[tally.cells[layer, i][0] / tally.cells[layer, i][1] for i in sorted(tally.steps)]
+                           for layer in layers],
+        "latent_max_abs_diff": float(latent_diff.max()),
+        "latent_mean_abs_diff": float(latent_mean.mean()),
+        "psnr_db_min": min(image_psnr),
+        "psnr_db_mean": sum(image_psnr) / len(image_psnr),
+        "seconds_per_image_online": sum(online_time) / len(online_time),
+        "seconds_per_image_replay": sum(replay_time) / len(replay_time),
+    }
+
+
+def check_and_verify(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,
+                     mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
+                     bar=None) -> dict:
+    """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder."""
+    from merge.convert import pick_device, read_pair
+    from merge.lora_io import read_tensors
+
+    from .pipeline import default_size, load_pipeline
+    from .prompts import read_prompts
+
+    read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
+    scheduled = fileformat.read(path)
+    steps = steps or int(scheduled.params.get("steps", 30))
+    if steps < 1:
+        raise LoraschedError(f"--steps {steps}: need at least one denoising step")
+    if size is not None and (size < 8 or size % 8):
+        raise LoraschedError(f"--resolution {size}: must be a positive multiple of 8")
+    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
+        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
+    prompts = read_prompts(tuple(prompts))
+    if not prompts:
+        raise LoraschedError(f"{path}: verify needs at least one held-out prompt (--prompts)")
+    pair = None
+    if sources is not None:
+        if None in sources:
+            raise LoraschedError(f"{path}: give both --subject and --style, or neither")
+        pair = read_pair(base, *sources)
+        for lora, role in ((pair.subject, "subject"), (pair.style, "style")):
+            if lora.sha256 != scheduled.sources[role]["sha256"]:
+                raise LoraschedError(f"{lora.path}: is not the {role} LoRA this file was made from (sha256 differs)")
+    pipe = load_pipeline(base, pick_device(device))
+    size = size or default_size(pipe)
+    progress = bar(2 * len(prompts) * len(seeds)) if bar else None
+    try:
+        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, pair, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if report_dir is not None:
+        write_report(result, scheduled, report_dir)
+    return result
+
+
+def write_report(result: dict, scheduled: fileformat.ScheduledFile, folder) -> None:
+    """report.json (the numbers, inf PSNR as null), schedule.png and agreement.png (layers × steps)."""
+    from merge.heatmap import draw_agreement, draw_schedule
+
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    finite = {k: (v if not (isinstance(v, float) and math.isinf(v)) else None) for k, v in result.items()}
+    (folder / "report.json").write_text(json.dumps(finite, indent=1) + "\n")
+    schedule = Schedule.from_json(scheduled.schedule_json)
+    draw_schedule(schedule, result["layers"], result["steps"], folder / "schedule.png")
+    draw_agreement(result["agreement_grid"], folder / "agreement.png")
