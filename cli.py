@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -45,23 +46,50 @@ def main() -> None:
 @click.option("--method", type=click.Choice(rules.METHODS), default="klora", show_default=True)
 @click.option("--pattern", type=click.Choice(["s", "s*"]), default="s", show_default=True, help="K-LoRA ramp.")
 @click.option("--alpha", type=float, help="Ramp slope α (default: the method's published value).")
-@click.option("--beta", type=float, help="Ramp offset β; for est, β = 1 − probe similarity (required).")
+@click.option("--beta", type=float,
+              help="Ramp offset β; for est, β = 1 − probe similarity (default: measured from probe images).")
 @click.option("--gamma", "gamma_mode", type=click.Choice(["trimmed", "global"]), default="trimmed", show_default=True,
               help="K-LoRA balance γ: trimmed mean of per-layer L1 ratios (code) or ratio of sums (paper).")
 @click.option("--steps", type=int, default=30, show_default=True,
-              help="Reference step count for the step numbers `inspect` shows; the file replays at any count.")
+              help="Weight-only rules: reference step count for `inspect` (the file replays at any count). "
+                   "feature-kl and est probes: denoising steps of each calibration pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="dtype of the written factors (auto: the inputs').")
 @click.option("--output", "-o", required=True, help="Scheduled LoRA .safetensors to write.")
-def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps, device, dtype, output) -> None:
+@click.option("--prompts", multiple=True,
+              help="Calibration prompt, or a .txt file with one per line (repeatable; default: trigger words).")
+@click.option("--seeds", default="0,1,2,3", show_default=True, help="Calibration seeds, comma-separated.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Calibration guidance scale.")
+@click.option("--resolution", type=int, help="Calibration image size in pixels (default: the pipeline's).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts per calibration pass.")
+@click.option("--log", "log_path", help="Calibration log to write or resume (default: OUTPUT.calibration.jsonl).")
+@click.option("--min-run", type=int, default=1, show_default=True,
+              help="feature-kl: suppress switches that last fewer than this many time bins.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="feature-kl softmax temperature.")
+@click.option("--embedder", default="facebook/dino-vits16", show_default=True,
+              help="est probes: image model (folder or hub id) that embeds the two probe images.")
+@click.option("--format", "tensor_format", type=click.Choice(["auto", "kohya", "diffusers"]), default="auto",
+              show_default=True, help="Tensor names of the output: kohya (lora_unet_…) or diffusers (PEFT lora_A/B); "
+                                      "auto: kohya for SD1.x/SDXL, diffusers for FLUX/SD3.")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled .bin/.pt inputs with torch.load(weights_only=True).")
+def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps, device, dtype, output,
+          prompts, seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder,
+          tensor_format, allow_pickle) -> None:
     """Merge two LoRAs into one scheduled LoRA file."""
+    from merge.convert import Calibration, parse_seeds
     from merge.convert import merge as run_merge
 
-    options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode)
+    options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode, temperature=temperature)
+    calibration = Calibration(
+        prompts=prompts, seeds=parse_seeds(seeds), guidance=guidance, size=resolution, batch_size=batch_size,
+        log=log_path, min_run=min_run, embedder=embedder,
+    )
     result = run_merge(
         base, subject, style, output, method, options,
-        steps=steps, device=device, dtype=DTYPES[dtype], progress=_bar("scoring"),
+        steps=steps, device=device, dtype=DTYPES[dtype], calibration=calibration, progress=_bar("scoring"),
+        tensor_format=None if tensor_format == "auto" else tensor_format, allow_pickle=allow_pickle,
+        bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None),
     )
     switching = sum(1 for phases in result.schedule.layers.values() if len(phases) > 1)
     click.echo(
@@ -73,17 +101,68 @@ def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps,
 @main.command(cls=Command)
 @click.argument("path")
 @click.option("--max-layers", type=int, help="Show at most this many layers in the table.")
-def inspect(path, max_layers) -> None:
-    """Print a scheduled file's sources, method, parameters and each layer's switch points."""
+@click.option("--png", "png_path", help="Also draw the schedule as a heatmap PNG (layers × steps).")
+@click.option("--allow-pickle", is_flag=True, help="Read a pickled .bin/.pt LoRA with torch.load(weights_only=True).")
+def inspect(path, max_layers, png_path, allow_pickle) -> None:
+    """Print a scheduled file's sources, method, parameters and each layer's switch points;
+    for any other LoRA file, its format, architecture, modules, ranks, alphas, dtypes and metadata keys."""
     from merge import fileformat, report
     from merge.lora_io import read_tensors
     from merge.schedule import Schedule
 
-    read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
+    read_tensors(path, allow_pickle)  # one-line errors for a missing, truncated or non-safetensors file
+    if Path(path).suffix != ".safetensors" or not fileformat.is_scheduled(path):
+        from merge.anatomy import describe, inspect_lora
+
+        for line in describe(inspect_lora(path, allow_pickle)):
+            click.echo(line)
+        return
     scheduled = fileformat.read(path)
     schedule = Schedule.from_json(scheduled.schedule_json)
     for line in report.summary_lines(scheduled, schedule) + [""] + report.table_lines(scheduled, schedule, max_layers):
         click.echo(line)
+    if png_path:
+        from merge.heatmap import draw_schedule
+
+        draw_schedule(schedule, report.decided_layers(scheduled, schedule), int(scheduled.params.get("steps", 30)),
+                      png_path)
+        click.echo(f"wrote {png_path}")
+
+
+@main.command(cls=Command)
+@click.argument("path")
+@click.option("--base", required=True, help="Base pipeline with weights: a diffusers folder or a hub id.")
+@click.option("--prompts", multiple=True, required=True,
+              help="Held-out prompt, or a .txt file with one per line (repeatable).")
+@click.option("--seeds", default="100,101", show_default=True, help="Held-out seeds, comma-separated.")
+@click.option("--steps", type=int, help="Denoising steps (default: the file's reference or calibration count).")
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--resolution", type=int, help="Image size in pixels (default: the pipeline's).")
+@click.option("--mode", type=click.Choice(["unfused", "fused"]), default="unfused", show_default=True,
+              help="Replay mode to check (unfused matches the online rule op for op).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--min-agreement", type=float, default=0.0, show_default=True,
+              help="Exit with code 1 when the overall decision agreement is below this fraction.")
+@click.option("--report", "report_dir", help="Folder to write report.json, schedule.png and agreement.png into.")
+@click.option("--subject", help="The subject LoRA the file was made from (feature-kl files need both sources).")
+@click.option("--style", help="The style LoRA the file was made from.")
+def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device, min_agreement, report_dir,
+           subject, style) -> None:
+    """Run the online rule and the replay side by side on held-out prompts/seeds and report how they differ."""
+    from calibration.verify import check_and_verify
+    from merge import report
+    from merge.convert import parse_seeds
+
+    result = check_and_verify(
+        path, base, prompts, parse_seeds(seeds), steps, guidance, resolution, mode, device, report_dir,
+        sources=(subject, style) if subject or style else None, bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),
+    )
+    for line in report.verify_lines(result):
+        click.echo(line)
+    if result["agreement"] < min_agreement:
+        click.echo(f"error: {path}: agreement {result['agreement']:.2%} is below --min-agreement "
+                   f"{min_agreement:.2%}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
