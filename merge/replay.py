@@ -180,18 +180,20 @@ class ReplayHandle:
         self._hook = denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
 
     def _load_adapters(self, scheduled: fileformat.ScheduledFile) -> None:
-        """One PEFT adapter per source, in the denoiser's dtype (PEFT would otherwise cast activations up)."""
+        """One PEFT adapter per source, keyed by module name in diffusers' PEFT layout (which every pipeline
+        loads, whatever the file's own key format), in the denoiser's dtype (PEFT would otherwise cast
+        activations up)."""
         dtype = getattr(self.pipe, denoiser_name(self.pipe)).dtype
+        factors = source_factors(scheduled)
         loaded = []
         with collected_loading_messages() as messages:
             for source in SOURCES:
                 state_dict = {}
-                for name, parts in source_factors(scheduled).items():
+                for name, parts in factors.items():
                     if source in parts:
-                        key = scheduled.modules[name]["key"]
                         down, up = parts[source]
-                        state_dict[f"{key}.lora_down.weight"] = down.to(dtype)
-                        state_dict[f"{key}.lora_up.weight"] = up.to(dtype)
+                        state_dict[f"{name}.lora_A.weight"] = down.to(dtype)
+                        state_dict[f"{name}.lora_B.weight"] = up.to(dtype)
                 if state_dict:
                     self.pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
                     loaded.append(ADAPTERS[source])

@@ -12,7 +12,7 @@ from merge.convert import merge, read_pair
 from merge.errors import LoraschedError
 from merge.lora import STYLE, SUBJECT
 from merge.quiet import collected_loading_messages
-from merge.replay import attach
+from merge.replay import MODES, attach
 from merge.schedule import Schedule
 from tiny import ARCHITECTURES, generate
 
@@ -75,7 +75,8 @@ def fresh(architecture):
     return pipe
 
 
-def test_klora_replay_equals_online(world):
+@pytest.mark.parametrize("mode", MODES)
+def test_klora_replay_equals_online(world, mode):
     architecture, pair, files = world
     rule, _ = rules.build("klora", pair, KLORA)
     pipe = fresh(architecture)
@@ -83,7 +84,7 @@ def test_klora_replay_equals_online(world):
     with OnlineRule(pipe, pair, rule):
         online = generate(pipe, STEPS)
     for path in files.values():
-        handle = attach(pipe, path)
+        handle = attach(pipe, path, mode=mode)
         replayed = generate(pipe, STEPS)
         handle.detach()
         assert (replayed - online).abs().max().item() < 1e-4, path.name
