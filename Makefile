@@ -20,6 +20,12 @@ demo: $(STAMP)
 		--style demo_work/style.safetensors --method klora --steps 20 --output demo_work/scheduled.safetensors
 	$(VENV)/bin/lorasched inspect demo_work/scheduled.safetensors --max-layers 12
 	$(PY) -m demo replay demo_work/tiny-sd demo_work/scheduled.safetensors
+	$(VENV)/bin/lorasched merge --base demo_work/tiny-sd --subject demo_work/subject.safetensors \
+		--style demo_work/style.safetensors --method feature-kl --prompts demo_work/prompts.txt --seeds 0,1 \
+		--steps 20 --resolution 32 --output demo_work/calibrated.safetensors
+	$(VENV)/bin/lorasched verify demo_work/calibrated.safetensors --base demo_work/tiny-sd --prompts "sks dog on a boat" \
+		--seeds 100,101 --resolution 32 --subject demo_work/subject.safetensors --style demo_work/style.safetensors \
+		--report demo_work/report
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -27,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_replay.py
 	$(PY) benchmarks/bench_merge.py
+	$(PY) benchmarks/bench_calibration.py
 
 clean:
 	rm -rf demo_work build *.egg-info

@@ -19,6 +19,12 @@ from safetensors.torch import save_file
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PROMPT = "a photo of sks dog in watercolor style"
+CALIBRATION_PROMPTS = (
+    "a photo of sks dog in watercolor style",
+    "sks dog on a beach, watercolor",
+    "a watercolor painting of sks dog sleeping",
+    "sks dog in a garden, watercolor style",
+)
 
 
 def _tokenizer():
@@ -127,7 +133,9 @@ def prepare(workdir: Path) -> None:
     pipe.save_pretrained(workdir / "tiny-sd")
     save_file(random_kohya_lora(pipe, rank=4, alpha=2.0, seed=1), workdir / "subject.safetensors")
     save_file(random_kohya_lora(pipe, rank=8, alpha=3.0, seed=2), workdir / "style.safetensors")
-    print(f"prepared {workdir}/tiny-sd (random SD pipeline) and subject/style LoRAs (kohya, ranks 4 and 8)")
+    (workdir / "prompts.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
+    print(f"prepared {workdir}/tiny-sd (random SD pipeline), subject/style LoRAs (kohya, ranks 4 and 8) and "
+          f"{len(CALIBRATION_PROMPTS)} calibration prompts")
 
 
 def replay(base: str, path: str) -> None:
