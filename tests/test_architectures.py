@@ -3,10 +3,11 @@ and both export formats load with plain `load_lora_weights` as the same static m
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibration.online import OnlineRule
-from lora_formats import DEFAULT_TARGETS, flux_kohya_lora, kohya_lora, peft_lora
+from lora_formats import DEFAULT_TARGETS, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora, sgm_unet_path
 from merge import fileformat, rules
 from merge.convert import merge, read_pair
 from merge.errors import LoraschedError
@@ -21,13 +22,31 @@ STEPS = 7
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _sdxl_pair(pipe):
-    """kohya with alphas; the subject adds LoCon convs and both text encoders, the style feed-forwards."""
-    subject = peft_lora(pipe, "unet", DEFAULT_TARGETS + ("conv1", "conv2"), rank=4, seed=1)
+SDXL_CONVS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+
+
+def _sdxl_peft(pipe):
+    """The subject adds LoCon convs, the time embedding and both text encoders with per-module ranks; the style
+    feed-forwards; both share attention, conv1, proj_out and the upsampler."""
+    subject = peft_lora(pipe, "unet", DEFAULT_TARGETS + SDXL_CONVS + ("proj_in", "proj_out", "time_emb_proj"),
+                        rank={"to_q": 2, "": 4}, seed=1)
     subject.update(peft_lora(pipe, "text_encoder", TEXT_TARGETS, rank=4, seed=3))
     subject.update(peft_lora(pipe, "text_encoder_2", TEXT_TARGETS, rank=4, seed=4))
-    style = peft_lora(pipe, "unet", ("to_q", "to_k", "to_v", "ff.net.2", "conv1"), rank={"": 8}, seed=2)
+    style = peft_lora(pipe, "unet", ("to_q", "to_k", "to_v", "ff.net.2", "conv1", "proj_out", "upsamplers.0.conv"),
+                      rank={"": 8}, seed=2)
+    return subject, style
+
+
+def _sdxl_pair(pipe):
+    """kohya with alphas, diffusers module names (what diffusers' PEFT→kohya converter writes)."""
+    subject, style = _sdxl_peft(pipe)
     return kohya_lora(subject, alpha=2.0), kohya_lora(style, alpha=3.0)
+
+
+def _sdxl_sgm_pair(pipe):
+    """The same LoRAs as kohya sd-scripts writes them for SDXL: SGM block names, `lora_te1_`/`lora_te2_`."""
+    subject, style = _sdxl_peft(pipe)
+    return sgm_kohya_lora(subject, 2.0, pipe.unet.config), sgm_kohya_lora(style, 3.0, pipe.unet.config)
 
 
 def _flux_pair(pipe):
@@ -46,23 +65,27 @@ def _sd3_pair(pipe):
     return subject, style
 
 
-PAIRS = {"sdxl": _sdxl_pair, "flux": _flux_pair, "sd3": _sd3_pair}
-FORMATS = {"sdxl": ("kohya", "diffusers"), "flux": ("diffusers",), "sd3": ("diffusers",)}
+PAIRS = {"sdxl": _sdxl_pair, "sdxl-sgm": _sdxl_sgm_pair, "flux": _flux_pair, "sd3": _sd3_pair}
+FORMATS = {"sdxl": ("kohya", "diffusers"), "sdxl-sgm": ("kohya", "diffusers"), "flux": ("diffusers",),
+           "sd3": ("diffusers",)}
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))
 def world(request, tmp_path_factory):
-    """A saved tiny base, a LoRA pair written in that architecture's trainer formats, and one merge per format."""
-    architecture = request.param
-    folder = tmp_path_factory.mktemp(architecture)
+    """A saved tiny base, a LoRA pair written in that architecture's trainer formats, and one merge per format.
+
+    `sdxl-sgm` is the `sdxl` pair under kohya sd-scripts' SGM names: everything after reading must be the same."""
+    variant = request.param
+    architecture = variant.partition("-")[0]
+    folder = tmp_path_factory.mktemp(variant)
     pipe = ARCHITECTURES[architecture]()
     pipe.save_pretrained(folder / "base")
     paths = folder / "subject.safetensors", folder / "style.safetensors"
-    for path, tensors in zip(paths, PAIRS[architecture](pipe)):
+    for path, tensors in zip(paths, PAIRS[variant](pipe)):
         save_file(tensors, path)
     base, subject, style = str(folder / "base"), *map(str, paths)
     files = {}
-    for tensor_format in FORMATS[architecture]:
+    for tensor_format in FORMATS[variant]:
         files[tensor_format] = folder / f"{tensor_format}.safetensors"
         merge(base, subject, style, str(files[tensor_format]), "klora", KLORA, steps=10, tensor_format=tensor_format)
     pair = read_pair(base, subject, style)
@@ -98,7 +121,8 @@ def test_selection_covers_every_both_adapted_linear(world):
     architecture, pair, _ = world
     both = pair.both_adapted
     kinds = {name.rsplit(".", 1)[-1] for name in both}
-    expected = {"sdxl": {"to_q", "to_k", "to_v", "conv1"}, "flux": {"to_q", "to_k", "to_v", "add_q_proj", "0", "proj"},
+    expected = {"sdxl": {"to_q", "to_k", "to_v", "conv1", "proj_out", "conv"},
+                "flux": {"to_q", "to_k", "to_v", "add_q_proj", "0", "proj"},
                 "sd3": {"to_q", "to_k", "to_v", "0", "add_q_proj", "to_add_out"}}[architecture]
     assert expected <= kinds
     assert all(pair.is_denoiser(name) for name in both)
@@ -146,3 +170,69 @@ def test_compatibility_metadata_names_the_architecture(world):
         assert metadata["ss_base_model_version"] == expected
         assert metadata["modelspec.merged_from"] == "subject.safetensors, style.safetensors"
         assert "hook" in metadata["modelspec.usage_hint"]
+
+
+def test_modules_one_lora_adapts_stay_static_at_weight_one(world):
+    """Partly overlapping module sets with per-module ranks: a module only one LoRA adapts is that LoRA's alone,
+    at weight 1 for every step, and exported at its own rank."""
+    _, pair, files = world
+    both = set(pair.subject.modules) & set(pair.style.modules)
+    alone = {name: source for source in (SUBJECT, STYLE) for name in set(pair.source(source).modules) - both}
+    assert any(pair.is_denoiser(name) for name in alone)
+    ranks = {module.rank for source in (SUBJECT, STYLE) for module in pair.source(source).modules.values()}
+    assert len(ranks) > 1
+    for path in files.values():
+        scheduled = fileformat.read(path)
+        schedule = Schedule.from_json(scheduled.schedule_json)
+        for name, source in alone.items():
+            assert schedule.layers[name] == ((0.0, source),), name
+            assert schedule.static_weights(name) == ((1.0, 0.0) if source == SUBJECT else (0.0, 1.0)), name
+            rank = pair.source(source).modules[name].rank
+            assert scheduled.modules[name]["ranks"] == ([rank, 0] if source == SUBJECT else [0, rank]), name
+
+
+def test_sgm_kohya_names_read_as_their_diffusers_named_twin(tmp_path):
+    """kohya sd-scripts' SDXL names (SGM blocks, `lora_te1_text_model_…`) land on the same diffusers modules with
+    the same ΔW as the same LoRAs under diffusers names: diffusers' SGM mapping, resnet renames and flattened-CLIP
+    prefix handling all hold on this UNet."""
+    pipe = ARCHITECTURES["sdxl"]()
+    pipe.save_pretrained(tmp_path / "base")
+    paths = {}
+    for naming, tensors_pair in (("diffusers", _sdxl_pair(pipe)), ("sgm", _sdxl_sgm_pair(pipe))):
+        paths[naming] = [tmp_path / f"{naming}-{role}.safetensors" for role in (SUBJECT, STYLE)]
+        for path, tensors in zip(paths[naming], tensors_pair):
+            save_file(tensors, path)
+    with safe_open(str(paths["sgm"][0]), "pt") as handle:
+        stems = {key.split(".")[0] for key in handle.keys()}
+    for prefix in ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                   "lora_te1_text_model_", "lora_te2_text_model_"):
+        assert any(s.startswith(prefix) for s in stems), prefix
+    assert not any("down_blocks" in s or "up_blocks" in s or "mid_block_" in s for s in stems)
+    twin = read_pair(str(tmp_path / "base"), *map(str, paths["diffusers"]))
+    sgm = read_pair(str(tmp_path / "base"), *map(str, paths["sgm"]))
+    assert len(sgm.subject.modules) == len(stems)
+    for source in (SUBJECT, STYLE):
+        expected, read = twin.source(source).modules, sgm.source(source).modules
+        assert set(read) == set(expected)
+        for name, module in expected.items():
+            assert torch.equal(read[name].delta(), module.delta()), name
+    assert sgm.both_adapted == twin.both_adapted
+
+
+@pytest.mark.parametrize("module, sgm", [
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
+    ("down_blocks.2.attentions.1.proj_in", "input_blocks.8.1.proj_in"),
+    ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+    ("down_blocks.1.resnets.0.time_emb_proj", "input_blocks.4.0.emb_layers.1"),
+    ("mid_block.attentions.0.transformer_blocks.3.attn2.to_k", "middle_block.1.transformer_blocks.3.attn2.to_k"),
+    ("mid_block.resnets.1.conv2", "middle_block.2.out_layers.3"),
+    ("up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2", "output_blocks.2.1.transformer_blocks.9.ff.net.2"),
+    ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
+    ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+    ("up_blocks.2.resnets.0.conv_shortcut", "output_blocks.6.0.skip_connection"),
+    ("up_blocks.2.resnets.2.conv1", "output_blocks.8.0.in_layers.2"),
+])
+def test_sgm_names_match_the_real_sdxl_checkpoint(module, sgm):
+    """The test helper's SGM names for SDXL base 1.0's UNet (2 layers per block, attention in the two lower up
+    levels) are the module names of the real `sd_xl_base_1.0` checkpoint, which kohya sd-scripts LoRAs use."""
+    assert sgm_unet_path(module, 2, [True, True, False]) == sgm
