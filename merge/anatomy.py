@@ -20,10 +20,11 @@ from .errors import LoraschedError
 from .lora_io import ADAPTER_METADATA, PEFT_WRAPPER_PREFIX, check_lora_tensors, read_tensors
 
 # Per-module factor suffixes of each layout, longest first: the rest of a key is the module's stem.
+# XLabs' `qkv_lora1`/`qkv_lora2` (image/text stream) are two modules: only the generic `.down.weight` is cut off them.
 FACTOR_SUFFIXES = (
-    "_lora_down.weight", "_lora_up.weight", ".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".lora.down.weight",
-    ".lora.up.weight", "_lora.down.weight", "_lora.up.weight", "_lora1.down.weight", "_lora1.up.weight",
-    "_lora2.down.weight", "_lora2.up.weight", ".alpha", ":down", ":up",
+    "_lora_down.weight", "_lora_up.weight", ".lora_down.weight", ".lora_up.weight", ".lora_A.weight",
+    ".lora_B.weight", ".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.up.weight",
+    ".down.weight", ".up.weight", ".alpha", ":down", ":up",
 )
 DOWN_SUFFIXES = tuple(s for s in FACTOR_SUFFIXES if "down" in s or "lora_A" in s)
 LYCORIS = re.compile(r"\.(hada_|lokr_|dora_scale)")
@@ -35,6 +36,9 @@ DECLARED = (("sdxl", "SDXL"), ("stable-diffusion-xl", "SDXL"), ("flux", "FLUX.1"
             ("stable-diffusion-v3", "SD3"), ("sd_v2", "SD2.x"), ("stable-diffusion-v2", "SD2.x"),
             ("sd_v1", "SD1.x"), ("stable-diffusion-v1", "SD1.x"))
 CROSS_ATTENTION_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+# FLUX.1 and SD3 double-stream blocks share every diffusers module name; their hidden width tells them apart.
+MMDIT_WIDTHS = {3072: "FLUX.1", 1536: "SD3 (MMDiT)", 2432: "SD3 (MMDiT)"}
+MMDIT_ATTENTION = re.compile(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)\.")
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,10 @@ def architecture(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     keys = list(tensors)
     if any(re.search(r"double_blocks|single_blocks|single_transformer_blocks", k) for k in keys):
         return "FLUX.1"
-    if any("joint_blocks" in k for k in keys) or any(k.startswith("transformer.transformer_blocks") for k in keys):
+    if any("joint_blocks" in k for k in keys):
         return "SD3 (MMDiT)"
+    if any(k.startswith("transformer.transformer_blocks") for k in keys):
+        return _mmdit(tensors)
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys):
         return "SDXL"
     for key, tensor in tensors.items():
@@ -115,6 +121,15 @@ def architecture(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
             width = tensor.shape[1]
             return CROSS_ATTENTION_WIDTHS.get(width, f"unknown UNet (cross-attention width {width})")
     return "unknown"
+
+
+def _mmdit(tensors: dict[str, torch.Tensor]) -> str:
+    """FLUX.1 or SD3 for a diffusers-named transformer LoRA without FLUX's single-stream blocks, by hidden width."""
+    widths = {t.shape[1] for k, t in tensors.items() if MMDIT_ATTENTION.search(k) and k.endswith(DOWN_SUFFIXES)}
+    if len(widths) == 1 and min(widths) in MMDIT_WIDTHS:
+        return MMDIT_WIDTHS[min(widths)]
+    shown = f"width {', '.join(map(str, sorted(widths)))}" if widths else "no attention factors"
+    return f"FLUX.1 or SD3 (double-stream blocks only, {shown})"
 
 
 def _alphas(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -149,7 +164,7 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> Anatomy:
         modules=len(stems),
         ranks=ranks,
         alphas=_alphas(tensors, metadata),
-        dtypes=Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values()),
+        dtypes=Counter(str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if not k.endswith(".alpha")),
         text_encoder_parts=dict(parts),
         metadata=metadata,
         refusal=refusal,

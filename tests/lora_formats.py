@@ -2,7 +2,8 @@
 
 The diffusers/PEFT layout is built from module paths; kohya files go through diffusers' own PEFT→kohya converter;
 kohya sd-scripts' SDXL (SGM) names and the FLUX trainer layouts (kohya/BFL with fused qkv, XLabs) are written by
-name here because they are the inputs under test — what lorasched reads them as is decided by diffusers' converters, not by this file.
+name here because they are the inputs under test — what lorasched reads them as is decided by diffusers' converters,
+not by this file.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def peft_lora(
 
 
 def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
-    """kohya layout through diffusers' converter; with `alpha`, each module gets `.alpha` = alpha."""
-    tensors = convert_state_dict_to_kohya(dict(peft))
+    """kohya layout through diffusers' converter; with `alpha`, each module gets a float32 `.alpha` = alpha, without
+    it no `.alpha` keys at all (the converter writes alpha = rank as int64; sd-scripts files may have none)."""
+    tensors = {k: v for k, v in convert_state_dict_to_kohya(dict(peft)).items() if not k.endswith(".alpha")}
     if alpha is not None:
         for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
             tensors[key.removesuffix(".lora_down.weight") + ".alpha"] = torch.tensor(alpha)

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from cli import main
-from lora_formats import DEFAULT_TARGETS, attn_procs_lora, flux_kohya_lora, kohya_lora, peft_lora, xlabs_flux_lora
+from lora_formats import (DEFAULT_TARGETS, attn_procs_lora, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora,
+                          targets_of, xlabs_flux_lora)
 from merge.base import load_skeleton
 from merge.errors import LoraschedError
 from merge.lora_io import open_lora, read_lora
@@ -161,3 +162,109 @@ def test_cli_merge_with_format_diffusers_then_inspect(tiny_base, kohya_pair, tmp
     assert raw.exit_code == 0
     assert "format        kohya, diffusers names" in raw.output and "text encoder  text encoder:" in raw.output
     assert "alphas        2×" in raw.output
+
+
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TINY_UNET = "unknown UNet (cross-attention width 32)"
+
+
+@pytest.fixture(scope="module")
+def pipes(sd_pipe, flux):
+    return {"sd": sd_pipe, "sdxl": ARCHITECTURES["sdxl"](), "flux": flux[0]}
+
+
+def _sd(pipes, **kwargs):
+    return peft_lora(pipes["sd"], "unet", DEFAULT_TARGETS + CONVS, seed=1, **kwargs)
+
+
+def _sdxl(pipes):
+    pipe = pipes["sdxl"]
+    peft = peft_lora(pipe, "unet", ("to_q", "conv1", "downsamplers.0.conv"), rank=4, seed=1)
+    peft.update(peft_lora(pipe, "text_encoder", TEXT_TARGETS, rank=4, seed=2))
+    peft.update(peft_lora(pipe, "text_encoder_2", TEXT_TARGETS[:2], rank=4, seed=3))
+    return peft
+
+
+def _prefixed(peft, prefix):
+    """The pipeline-level file saved from the bare UNet (no `unet.`), optionally inside a PEFT wrapper prefix."""
+    return {prefix + key.removeprefix("unet."): value for key, value in peft.items()}
+
+
+def _modules(pipes, architecture, component, suffixes):
+    return len(targets_of(pipes[architecture], component, suffixes))
+
+
+# name: (writer, expected `lorasched inspect` fields); {n}: modules the writer adapted (counted on the model),
+# {f}: their factor tensors. FLUX counts are by hand: 1 double block (4 kohya / 4 XLabs stems), 2 single blocks.
+INSPECT_CASES = {
+    "kohya with alpha": (lambda p: kohya_lora(_sd(p, rank=4), 2.0), {
+        "format": "kohya, diffusers names", "architecture": TINY_UNET, "ranks": "4×{n}",
+        "alphas": "2×{n} (kohya .alpha keys)", "dtype": "float32×{f}", "text encoder": "none"}),
+    "kohya without alpha": (lambda p: kohya_lora(_sd(p, rank=8), None), {
+        "format": "kohya, diffusers names", "ranks": "8×{n}", "alphas": "none (alpha = rank, scale 1)"}),
+    "kohya SDXL SGM names": (lambda p: sgm_kohya_lora(_sdxl(p), 1.0, p["sdxl"].unet.config), {
+        "format": "kohya, SGM/LDM names", "architecture": "SDXL", "ranks": "4×{n}",
+        "alphas": "1×{n} (kohya .alpha keys)",
+        "text encoder": "text encoder: 8 modules, text encoder 2: 4 modules"}),
+    "diffusers/PEFT fp16": (lambda p: _sd(p, rank=4, dtype=torch.float16), {
+        "format": "diffusers/PEFT (ai-toolkit, SimpleTuner)", "architecture": TINY_UNET, "dtype": "float16×{f}"}),
+    "denoiser-relative bf16": (lambda p: _prefixed(_sd(p, rank=4, dtype=torch.bfloat16), ""), {
+        "format": "diffusers/PEFT, denoiser-relative (no component prefix)", "dtype": "bfloat16×{f}"}),
+    "raw PEFT": (lambda p: _prefixed(_sd(p, rank=4), "base_model.model."), {
+        "format": "raw PEFT adapter (base_model.model.…)", "modules": "{n}"}),
+    "old attention processors": (lambda p: attn_procs_lora(p["sd"], rank=4), {
+        "format": "diffusers attention processors (old)", "architecture": TINY_UNET, "ranks": "4×{n}",
+        "alphas": "none (alpha = rank, scale 1)"}),
+    "FLUX kohya/BFL": (lambda p: flux_kohya_lora(p["flux"], rank=4, alpha=2.0), {
+        "format": "kohya, BFL FLUX names (fused qkv)", "architecture": "FLUX.1", "modules": "6", "ranks": "4×6",
+        "alphas": "2×6 (kohya .alpha keys)", "dtype": "float32×12", "text encoder": "none"}),
+    "XLabs FLUX": (lambda p: xlabs_flux_lora(p["flux"], rank=4), {
+        "format": "XLabs FLUX", "architecture": "FLUX.1", "modules": "4", "ranks": "4×4",
+        "alphas": "none (alpha = rank, scale 1)", "dtype": "float32×8"}),
+    "ai-toolkit FLUX": (lambda p: peft_lora(p["flux"], "transformer", ("to_q", "proj_mlp", "norm.linear", "ff.net.2"),
+                                            rank={"to_q": 2, "proj_mlp": 8, "": 4}, dtype=torch.bfloat16), {
+        "format": "diffusers/PEFT (ai-toolkit, SimpleTuner)", "architecture": "FLUX.1", "modules": "8",
+        "ranks": "2×3, 4×3, 8×2", "alphas": "none (alpha = rank, scale 1)", "dtype": "bfloat16×16"}),
+}
+COUNTED = {  # the modules each SD/SDXL writer adapts, as (architecture, component, suffixes) parts
+    "kohya with alpha": [("sd", "unet", DEFAULT_TARGETS + CONVS)],
+    "kohya without alpha": [("sd", "unet", DEFAULT_TARGETS + CONVS)],
+    "kohya SDXL SGM names": [("sdxl", "unet", ("to_q", "conv1", "downsamplers.0.conv")),
+                             ("sdxl", "text_encoder", TEXT_TARGETS), ("sdxl", "text_encoder_2", TEXT_TARGETS[:2])],
+    "diffusers/PEFT fp16": [("sd", "unet", DEFAULT_TARGETS + CONVS)],
+    "denoiser-relative bf16": [("sd", "unet", DEFAULT_TARGETS + CONVS)],
+    "raw PEFT": [("sd", "unet", DEFAULT_TARGETS + CONVS)],
+    "old attention processors": [("sd", "unet", DEFAULT_TARGETS)],
+}
+
+
+def inspected(path) -> dict[str, str]:
+    """`lorasched inspect` output as {field: value}."""
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    return {line[:14].strip(): line[14:] for line in result.output.splitlines()}
+
+
+@pytest.mark.parametrize("case", list(INSPECT_CASES))
+def test_inspect_describes_each_input_format(pipes, tmp_path, case):
+    writer, expected = INSPECT_CASES[case]
+    path = tmp_path / "lora.safetensors"
+    save_file(writer(pipes), path)
+    n = sum(_modules(pipes, *part) for part in COUNTED.get(case, []))
+    fields = inspected(path)
+    for field, value in expected.items():
+        assert fields[field] == value.format(n=n, f=2 * n), field
+    assert fields["modules"] == expected.get("modules", str(n)).format(n=n)
+    assert fields["merge"].startswith("readable") and fields["metadata"] == "none"
+
+
+@pytest.mark.parametrize("width, architecture", [
+    (3072, "FLUX.1"), (1536, "SD3 (MMDiT)"), (2432, "SD3 (MMDiT)"),
+    (64, "FLUX.1 or SD3 (double-stream blocks only, width 64)"),
+])
+def test_inspect_tells_flux_from_sd3_by_width_without_single_blocks(tmp_path, width, architecture):
+    """Both name double-stream blocks `transformer.transformer_blocks.N.attn.*`; only FLUX.1 has single blocks."""
+    stem = "transformer.transformer_blocks.0.attn.add_q_proj"
+    path = tmp_path / "double-only.safetensors"
+    save_file({f"{stem}.lora_A.weight": torch.zeros(2, width), f"{stem}.lora_B.weight": torch.zeros(width, 2)}, path)
+    assert inspected(path)["architecture"] == architecture
