@@ -11,9 +11,9 @@ from lora_formats import DEFAULT_TARGETS, flux_kohya_lora, kohya_lora, peft_lora
 from merge import fileformat, rules
 from merge.convert import merge, read_pair
 from merge.errors import LoraschedError
-from merge.lora import STYLE, SUBJECT
+from merge.lora import STYLE, SUBJECT, denoiser_name
 from merge.quiet import collected_loading_messages
-from merge.replay import MODES, attach
+from merge.replay import MODES, Clock, attach
 from merge.schedule import Schedule
 from tiny import ARCHITECTURES, generate
 
@@ -236,3 +236,25 @@ def test_sgm_names_match_the_real_sdxl_checkpoint(module, sgm):
     """The test helper's SGM names for SDXL base 1.0's UNet (2 layers per block, attention in the two lower up
     levels) are the module names of the real `sd_xl_base_1.0` checkpoint, which kohya sd-scripts LoRAs use."""
     assert sgm_unet_path(module, 2, [True, True, False]) == sgm
+
+
+@pytest.mark.parametrize("architecture", ["flux", "sd3"])
+def test_the_replay_clock_reads_each_transformers_timestep(architecture):
+    """Replay and the online rule share `Clock`, so replay == online cannot catch a misread timestep: FLUX's
+    pipeline hands its transformer timestep / 1000. Step n of N must read as progress n / N, and the noise axis
+    must run from pure noise (0) towards clean (1)."""
+    pipe = ARCHITECTURES[architecture]()
+    pipe.set_progress_bar_config(disable=True)
+    clocks = Clock(pipe.scheduler), Clock(pipe.scheduler, axis="noise")
+    seen = []
+
+    def record(module, args, kwargs):
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        seen.append(tuple(clock(timestep) for clock in clocks))
+
+    handle = getattr(pipe, denoiser_name(pipe)).register_forward_pre_hook(record, with_kwargs=True)
+    generate(pipe, 5)
+    handle.remove()
+    progress, noise = zip(*seen)
+    assert progress == tuple(n / 5 for n in range(5))
+    assert noise[0] < 0.01 and all(a < b for a, b in zip(noise, noise[1:])) and noise[-1] < 1
