@@ -1,6 +1,6 @@
 """Time one denoising step of an SDXL-topology UNet: base, plain LoRA (unfused / fused), lorasched replay
-(each mode), and K-LoRA run online the way the published code runs it (dense B·A and two top-K per layer per
-call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
+(each mode), K-LoRA run online the way the published code runs it (dense B·A and two top-K per layer per
+call), and the feature-kl rule run online (two low-rank LoRA passes and two KL divergences per layer per call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
 several full runs after a warm-up round.
 
     python benchmarks/bench_replay.py                  # CPU defaults: --width 0.2 --resolution 256
@@ -29,6 +29,7 @@ from merge.export import export  # noqa: E402
 from merge.lora import LoraFile, LoraModule, LoraPair  # noqa: E402
 from merge.quiet import collected_loading_messages  # noqa: E402
 from merge.replay import attach  # noqa: E402
+from merge.rules.feature_kl import FeatureKLRule  # noqa: E402
 from merge.rules.klora import topk_abs_sum  # noqa: E402
 from merge.schedule import from_rule  # noqa: E402
 
@@ -124,6 +125,7 @@ def configurations(pipe, path, pair, rule, subject):
         return (lambda: handles.append(attach(pipe, path, mode=mode))), (lambda: handles.pop().detach())
 
     online = OnlineRule(pipe, pair, PublishedKLora(pair, rule))
+    feature = OnlineRule(pipe, pair, FeatureKLRule(gamma=1.0), samples=1)  # batch 2 = [uncond; cond] of one prompt
     return {
         "base, no LoRA": (lambda: None, lambda: None),
         "plain LoRA, unfused (PEFT)": plain(False),
@@ -131,6 +133,7 @@ def configurations(pipe, path, pair, rule, subject):
         "lorasched replay, unfused": replay("unfused"),
         "lorasched replay, fused": replay("fused"),
         "online K-LoRA (published style)": (online.__enter__, lambda: online.__exit__(None, None, None)),
+        "online feature-kl": (feature.__enter__, lambda: feature.__exit__(None, None, None)),
     }
 
 
@@ -194,9 +197,13 @@ def main() -> None:
     for name, (median, mean) in rows.items():
         print(f"{name:<34} {median * 1e3:>10.1f} {mean * 1e3:>9.1f} {median / plain_unfused:>16.3f} "
               f"{median / plain_fused:>14.3f}")
-    online = rows["online K-LoRA (published style)"][0]
-    removed = (online - rows["lorasched replay, unfused"][0]) / (online - plain_unfused)
-    print(f"\nreplay (unfused) removes {100 * removed:.1f} % of online K-LoRA's overhead over a plain unfused LoRA step")
+    print()
+    for online_name in ("online K-LoRA (published style)", "online feature-kl"):
+        online = rows[online_name][0]
+        for mode, plain in (("unfused", plain_unfused), ("fused", plain_fused)):
+            removed = (online - rows[f"lorasched replay, {mode}"][0]) / (online - plain)
+            print(f"replay ({mode}) removes {100 * removed:.1f} % of {online_name}'s overhead over a plain {mode} "
+                  f"LoRA step")
 
 
 if __name__ == "__main__":

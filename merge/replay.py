@@ -80,7 +80,11 @@ class Clock:
         if not values:
             raise RuntimeError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        return t * 1000.0 if max(values) > 1.5 >= t else t
+        if max(values) > 1.5 >= t:  # t / 1000 (FLUX), or simply a late timestep such as 1: the closer one wins
+            scaled = t * 1000.0
+            if min(abs(v - scaled) for v in values) < min(abs(v - t) for v in values):
+                return scaled
+        return t
 
     def progress(self, t: float) -> float:
         values = self._distinct()

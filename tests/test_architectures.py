@@ -238,11 +238,11 @@ def test_sgm_names_match_the_real_sdxl_checkpoint(module, sgm):
     assert sgm_unet_path(module, 2, [True, True, False]) == sgm
 
 
-@pytest.mark.parametrize("architecture", ["flux", "sd3"])
+@pytest.mark.parametrize("architecture", ["sdxl", "flux", "sd3"])
 def test_the_replay_clock_reads_each_transformers_timestep(architecture):
     """Replay and the online rule share `Clock`, so replay == online cannot catch a misread timestep: FLUX's
-    pipeline hands its transformer timestep / 1000. Step n of N must read as progress n / N, and the noise axis
-    must run from pure noise (0) towards clean (1)."""
+    pipeline hands its transformer timestep / 1000, while SD/SDXL schedulers end on timesteps as small as 1.
+    Step n of N must read as progress n / N, and the noise axis must run from pure noise (0) towards clean (1)."""
     pipe = ARCHITECTURES[architecture]()
     pipe.set_progress_bar_config(disable=True)
     clocks = Clock(pipe.scheduler), Clock(pipe.scheduler, axis="noise")
@@ -257,4 +257,6 @@ def test_the_replay_clock_reads_each_transformers_timestep(architecture):
     handle.remove()
     progress, noise = zip(*seen)
     assert progress == tuple(n / 5 for n in range(5))
-    assert noise[0] < 0.01 and all(a < b for a, b in zip(noise, noise[1:])) and noise[-1] < 1
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    assert noise == pytest.approx([1 - float(t) / train_steps for t in pipe.scheduler.timesteps])
+    assert all(a < b for a, b in zip(noise, noise[1:])) and noise[-1] < 1
