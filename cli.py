@@ -155,7 +155,8 @@ def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device
 
     result = check_and_verify(
         path, base, prompts, parse_seeds(seeds), steps, guidance, resolution, mode, device, report_dir,
-        sources=(subject, style) if subject or style else None, bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),
+        sources=(subject, style) if subject or style else None,
+        bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),
     )
     for line in report.verify_lines(result):
         click.echo(line)

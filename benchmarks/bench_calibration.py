@@ -58,11 +58,12 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
                                                 num_attention_heads=12, max_position_embeddings=77))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(), unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
 def save_configs(pipe, folder: Path) -> None:
@@ -132,7 +133,8 @@ def main() -> None:
     print(f"{'run':<52}{'seconds':>9}{'ratio':>8}")
     print(f"{'plain pipeline, no LoRA (same passes)':<52}{plain:>9.1f}{1.0:>8.2f}")
     print(f"{'feature-kl calibration (balance run + runs, logged)':<52}{calibration:>9.1f}{calibration / plain:>8.2f}")
-    print(f"per image and step: {calibration / (runs + 1) / args.steps:.2f} s; mean agreement {sum(shares) / len(shares):.1%}")
+    print(f"per image and step: {calibration / (runs + 1) / args.steps:.2f} s; "
+          f"mean agreement {sum(shares) / len(shares):.1%}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Time one denoising step of an SDXL-topology UNet: base, plain LoRA (unfused / fused), lorasched replay
 (each mode), K-LoRA run online the way the published code runs it (dense B·A and two top-K per layer per
-call), and the feature-kl rule run online (two low-rank LoRA passes and two KL divergences per layer per call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
+call), and the feature-kl rule run online (two low-rank LoRA passes and two KL divergences per layer per
+call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
 several full runs after a warm-up round.
 
     python benchmarks/bench_replay.py                  # CPU defaults: --width 0.2 --resolution 256

@@ -68,7 +68,7 @@ class OnlineRule:
     def _fixed_sources(self, name: str) -> tuple[str, ...]:
         return tuple(s for s in SOURCES if name in self.pair.source(s).modules)
 
-    def _decide(self, name: str, module, x: torch.Tensor, output: torch.Tensor, deltas: dict) -> torch.Tensor:
+    def _decide(self, name: str, module, output: torch.Tensor, deltas: dict) -> torch.Tensor:
         """The decided layer's output; records the choice (and scores) per sample."""
         if not isinstance(self.rule, FeatureKLRule):
             choice = self.rule.choose(name, self.call.p)
@@ -104,10 +104,9 @@ class OnlineRule:
         decided = name in self.decided
 
         def add_lora(module, inputs, output):
-            x = inputs[0]
-            deltas = {s: lora_output(module, x, *factors[s]) for s in fixed}
+            deltas = {s: lora_output(module, inputs[0], *factors[s]) for s in fixed}
             if decided:
-                return self._decide(name, module, x, output, deltas)
+                return self._decide(name, module, output, deltas)
             for source in fixed:
                 output = output + deltas[source]
             return output

@@ -81,7 +81,7 @@ def read_log(path: Path) -> Log:
     return Log(settings=settings, layers=header["layers"], gamma=header["gamma"], runs=runs)
 
 
-def _generators(seed: int, count: int) -> list[torch.Generator]:
+def seeded_generators(seed: int, count: int) -> list[torch.Generator]:
     """One CPU generator per sample: each prompt of a batch gets the latents it would get alone, on any device."""
     return [torch.Generator("cpu").manual_seed(seed) for _ in range(count)]
 
@@ -109,7 +109,7 @@ class Runner:
                 guidance_scale=self.settings.guidance,
                 height=self.settings.height,
                 width=self.settings.width,
-                generator=_generators(seed, len(prompts)),
+                generator=seeded_generators(seed, len(prompts)),
                 output_type="latent",
                 callback_on_step_end=self._step_callback(len(prompts)),
             )
@@ -135,7 +135,8 @@ def _append(path: Path, records: list[dict]) -> None:
 
 def gamma_from_balance_run(records: list[dict]) -> float:
     """Feature rules: γ from the divergences of the balance run (both LoRAs applied, every layer and step)."""
-    return balance([c / s if s > 0 else float("inf") for r in records for call in r["calls"] for c, s in call["scores"]])
+    scores = [score for record in records for call in record["calls"] for score in call["scores"]]
+    return balance([c / s if s > 0 else float("inf") for c, s in scores])
 
 
 def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_size: int = 4, bar=None) -> Log:

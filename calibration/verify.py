@@ -25,7 +25,7 @@ from merge.rules.feature_kl import FeatureKLRule
 from merge.schedule import AXIS_PROGRESS, Schedule
 
 from .online import CODES, OnlineRule
-from .runner import _generators
+from .runner import seeded_generators
 
 
 def pair_from_file(scheduled: fileformat.ScheduledFile, pipe) -> LoraPair:
@@ -87,7 +87,8 @@ class Generation:
         start = time.perf_counter()
         images = self.pipe(
             prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.size,
-            width=self.size, generator=_generators(seed, 1), output_type="pt", callback_on_step_end=keep_latents,
+            width=self.size, generator=seeded_generators(seed, 1), output_type="pt",
+            callback_on_step_end=keep_latents,
         ).images
         if self.pipe.device.type == "cuda":
             torch.cuda.synchronize()

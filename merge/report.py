@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from .fileformat import ScheduledFile
+from .fileformat import KEY_VERSION, ScheduledFile
 from .schedule import AXIS_PROGRESS, Schedule
 
 
@@ -36,12 +36,12 @@ def summary_lines(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
     switching = sum(1 for phases in schedule.layers.values() if len(phases) > 1)
     size_mb = os.path.getsize(scheduled.path) / 2**20
     lines = [
-        f"file        {scheduled.path} ({size_mb:.2f} MiB, lorasched format {scheduled.metadata['lorasched.format_version']})",
+        f"file        {scheduled.path} ({size_mb:.2f} MiB, lorasched format {scheduled.metadata[KEY_VERSION]})",
         f"method      {scheduled.method}  {setting}".rstrip(),
     ]
     if isinstance(probe, dict):
-        lines.append(f"probe β     1 − cos = 1 − {probe['similarity']:.4f} by {probe['embedder']} on {probe['prompt']!r}"
-                     f" (seed {probe['seed']}, {probe['steps']} steps)")
+        lines.append(f"probe β     1 − cos = 1 − {probe['similarity']:.4f} by {probe['embedder']} on "
+                     f"{probe['prompt']!r} (seed {probe['seed']}, {probe['steps']} steps)")
     if calibration:
         lines.append(
             f"calibration {len(calibration['prompts'])} prompts × seeds {calibration['seeds']}, {steps} steps, "
@@ -65,7 +65,8 @@ def table_lines(scheduled: ScheduledFile, schedule: Schedule, max_layers: int | 
     lines = [f"{'layer':<{width}}  static c/s   schedule"]
     for name in names[:max_layers]:
         c_subject, c_style = scheduled.modules[name]["static"]
-        lines.append(f"{name:<{width}}  {c_subject:.2f}/{c_style:.2f}  {describe_phases(schedule.layers[name], steps, schedule)}")
+        phases = describe_phases(schedule.layers[name], steps, schedule)
+        lines.append(f"{name:<{width}}  {c_subject:.2f}/{c_style:.2f}  {phases}")
     if max_layers is not None and len(names) > max_layers:
         lines.append(f"… {len(names) - max_layers} more layers (--max-layers to show more)")
     return lines
@@ -94,7 +95,8 @@ def verify_lines(result: dict) -> list[str]:
         f"agreement   {result['agreement']:.2%} of (layer, step) decisions",
         f"per step    {per_step}",
         "worst       " + ", ".join(f"{name} {share:.0%}" for name, share in worst),
-        f"deviation   latents max |Δ| {result['latent_max_abs_diff']:.3g}, mean |Δ| {result['latent_mean_abs_diff']:.3g};"
+        f"deviation   latents max |Δ| {result['latent_max_abs_diff']:.3g}, "
+        f"mean |Δ| {result['latent_mean_abs_diff']:.3g};"
         f" image PSNR min {result['psnr_db_min']:.1f} dB, mean {result['psnr_db_mean']:.1f} dB",
         f"time        online {result['seconds_per_image_online']:.2f} s/image, replay "
         f"{result['seconds_per_image_replay']:.2f} s/image ({speed:.2f}× faster)",

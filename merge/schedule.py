@@ -83,5 +83,7 @@ def fixed_phases(name: str, pair: LoraPair) -> tuple[Phase, ...]:
 def from_rule(rule, pair: LoraPair) -> Schedule:
     """Closed-form schedule of a weight-only rule over every module either LoRA adapts."""
     both = set(pair.both_adapted)
-    layers = {name: tuple(rule.phases(name)) if name in both else fixed_phases(name, pair) for name in pair.module_names}
+    layers = {
+        name: tuple(rule.phases(name)) if name in both else fixed_phases(name, pair) for name in pair.module_names
+    }
     return Schedule(layers=layers)

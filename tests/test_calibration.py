@@ -108,8 +108,10 @@ def test_interrupted_calibration_resumes_without_repeating_runs(pipe, pair, tmp_
     resumed = calibrate(pipe, pair, FeatureKLRule(), config, path, batch_size=2, bar=counter)
     assert counter.count == 6 * 4  # 2 logged runs counted as done, 4 remaining runs × 4 steps actually run
     fresh = calibrate(pipe, pair, FeatureKLRule(), config, tmp_path / "fresh.jsonl", batch_size=2)
-    key = lambda log: sorted((r["prompt"], r["seed"], [c["choices"] for c in r["calls"]]) for r in log.runs)  # noqa: E731
-    assert key(resumed) == key(fresh) and resumed.gamma == fresh.gamma
+    def choices(log):
+        return sorted((r["prompt"], r["seed"], [c["choices"] for c in r["calls"]]) for r in log.runs)
+
+    assert choices(resumed) == choices(fresh) and resumed.gamma == fresh.gamma
     other = settings(prompts=PROMPTS[:3], seeds=(0, 1), steps=5)
     with pytest.raises(Exception, match="other settings"):
         calibrate(pipe, pair, FeatureKLRule(), other, path)
