@@ -152,7 +152,6 @@ def main() -> None:
 
     unet = build_unet(args.width, dtype, device)
     pipe = tiny_sdxl_pipeline(unet).to(device)
-    pipe.unet.to(dtype)
     targets = lora_targets(pipe.unet)
     global NAMES
     NAMES = {"lora_unet_" + name.replace(".", "_"): name for name, _ in targets}

@@ -35,7 +35,9 @@ def build_unet(width: float, dtype: torch.dtype = torch.float32, device: str = "
 
     torch.manual_seed(0)
     with torch.device(device):
-        return UNet2DConditionModel(**unet_config(width)).to(dtype).eval()
+        unet = UNet2DConditionModel(**unet_config(width))
+    # nn.Module.to: a plain cast, without diffusers' keep-in-fp32 warning (this UNet has no such modules)
+    return torch.nn.Module.to(unet, dtype=dtype).eval()
 
 
 def lora_targets(unet) -> list[tuple[str, torch.nn.Module]]:

@@ -37,6 +37,8 @@ class Settings:
     height: int
     width: int
     pair: tuple[str, str]  # sha256 of the subject and style files
+    base: str = ""  # the base pipeline (resolved folder or hub id)
+    temperature: float = 1.0  # feature-kl's softmax temperature
 
     def runs(self) -> list[tuple[str, int]]:
         return [(prompt, seed) for seed in self.seeds for prompt in self.prompts]

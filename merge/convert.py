@@ -136,7 +136,7 @@ def merge(
         pipe = load_pipeline(base, device)
         size = calibration.size or default_size(pipe)
     if method in rules.CALIBRATED:
-        schedule, params = _calibrated(pipe, pair, options, calibration, prompts, steps, size, output, bar)
+        schedule, params = _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar)
         scores = {}
     else:
         probe = None
@@ -156,7 +156,7 @@ def merge(
     return MergeResult(Path(output), schedule, params, len(pair.both_adapted))
 
 
-def _calibrated(pipe, pair, options, calibration, prompts, steps, size, output, bar) -> tuple[Schedule, dict]:
+def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar) -> tuple[Schedule, dict]:
     """feature-kl: calibration runs (resumed from the log when it has them), then the consensus schedule."""
     from calibration.aggregate import aggregate
     from calibration.runner import Settings, calibrate
@@ -171,6 +171,8 @@ def _calibrated(pipe, pair, options, calibration, prompts, steps, size, output, 
         height=size,
         width=size,
         pair=(pair.subject.sha256, pair.style.sha256),
+        base=str(Path(base).resolve()) if Path(base).exists() else base,
+        temperature=options.temperature,
     )
     log_path = Path(calibration.log or f"{output}.calibration.jsonl")
     progress_bar = bar(len(settings.runs()) * steps) if bar else None
