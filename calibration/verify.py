@@ -171,7 +171,7 @@ def check_and_verify(path, base: str, prompts, seeds, steps: int | None, guidanc
     from merge.convert import pick_device, read_pair
     from merge.lora_io import read_tensors
 
-    from .pipeline import default_size, load_pipeline
+    from .pipeline import check_size, default_size, load_pipeline
     from .prompts import read_prompts
 
     read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
@@ -179,8 +179,7 @@ def check_and_verify(path, base: str, prompts, seeds, steps: int | None, guidanc
     steps = steps or int(scheduled.params.get("steps", 30))
     if steps < 1:
         raise LoraschedError(f"--steps {steps}: need at least one denoising step")
-    if size is not None and (size < 8 or size % 8):
-        raise LoraschedError(f"--resolution {size}: must be a positive multiple of 8")
+    check_size(size)
     if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
         raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
     prompts = read_prompts(tuple(prompts))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from calibration.pipeline import check_size
+
 from . import export, rules
 from .base import load_skeleton
 from .errors import LoraschedError
@@ -82,8 +84,7 @@ class Calibration:
             raise LoraschedError(f"--batch-size {self.batch_size}: need at least 1")
         if self.min_run < 1:
             raise LoraschedError(f"--min-run {self.min_run}: need at least 1 bin")
-        if self.size is not None and (self.size < 8 or self.size % 8):
-            raise LoraschedError(f"--resolution {self.size}: must be a positive multiple of 8")
+        check_size(self.size)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
