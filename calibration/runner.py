@@ -91,8 +91,8 @@ def seeded_generators(seed: int, count: int) -> list[torch.Generator]:
 class Runner:
     """Runs the pipeline with a rule installed and turns what the rule recorded into log lines."""
 
-    def __init__(self, pipe, pair: LoraPair, settings: Settings, batch_size: int = 4, bar=None) -> None:
-        self.pipe, self.pair, self.settings, self.batch_size, self.bar = pipe, pair, settings, batch_size, bar
+    def __init__(self, pipe, pair: LoraPair, settings: Settings, bar=None) -> None:
+        self.pipe, self.pair, self.settings, self.bar = pipe, pair, settings, bar
 
     def _step_callback(self, count: int):
         def on_step_end(pipe, step, timestep, callback_kwargs):
@@ -155,7 +155,7 @@ def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_
         if isinstance(rule, FeatureKLRule):
             rule = FeatureKLRule(gamma=log.gamma, temperature=rule.temperature)
     else:
-        runner = Runner(pipe, pair, settings, batch_size)
+        runner = Runner(pipe, pair, settings)
         gamma = None
         if isinstance(rule, FeatureKLRule) and rule.gamma is None:
             gamma = gamma_from_balance_run(runner.run(rule, [settings.prompts[0]], settings.seeds[0]))
@@ -165,7 +165,7 @@ def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_
     done = log.done()
     if bar is not None:
         bar.update(len(done) * settings.steps)
-    runner = Runner(pipe, pair, settings, batch_size, bar)
+    runner = Runner(pipe, pair, settings, bar)
     for seed in settings.seeds:
         todo = [prompt for prompt in settings.prompts if (prompt, seed) not in done]
         for start in range(0, len(todo), batch_size):
