@@ -54,12 +54,17 @@ def topk_and_l1(lora: LoraModule, k: int, device="cpu", scratch: Scratch | None 
     flat = dense.abs_().view(-1)
     l1 = float(flat.sum()) * scale
     blocks = min(flat.numel(), 4 * k)
-    maxima = flat[: blocks * (flat.numel() // blocks)].view(blocks, -1).amax(1)
+    width = flat.numel() // blocks
+    body = flat[: blocks * width].view(blocks, width)
+    maxima = body.amax(1)
     cut = float(maxima.topk(k, sorted=False).values.min()) * (1 - MARGIN)
     if cut <= 0:
         dense = lora.delta(torch.float64, device).abs_()
         return topk_abs_sum(dense, k), l1
-    index = (flat >= cut).nonzero().squeeze(1)
+    rows = (maxima >= cut).nonzero().squeeze(1)  # only blocks whose maximum reaches the cut can hold candidates
+    hits = (body[rows] >= cut).nonzero()
+    tail = (flat[blocks * width :] >= cut).nonzero().squeeze(1) + blocks * width
+    index = torch.cat([rows[hits[:, 0]] * width + hits[:, 1], tail])
     up64, down64 = up.to(device, torch.float64), down.to(device, torch.float64)
     exact = (up64[index // cols] * down64[:, index % cols].T).sum(1).abs_()
     return float(exact.topk(k, sorted=False).values.sum()) * scale, l1
