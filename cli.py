@@ -12,6 +12,7 @@ import click  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from calibration.probes import DEFAULT_EMBEDDER  # noqa: E402
 from merge import rules  # noqa: E402
 from merge.errors import LoraschedError  # noqa: E402
 from merge.fileformat import FormatError  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
 @click.option("--min-run", type=int, default=1, show_default=True,
               help="feature-kl: suppress switches that last fewer than this many time bins.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="feature-kl softmax temperature.")
-@click.option("--embedder", default="facebook/dino-vits16", show_default=True,
+@click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True,
               help="est probes: image model (folder or hub id) that embeds the two probe images.")
 @click.option("--format", "tensor_format", type=click.Choice(["auto", "kohya", "diffusers"]), default="auto",
               show_default=True, help="Tensor names of the output: kohya (lora_unet_…) or diffusers (PEFT lora_A/B); "

@@ -37,12 +37,6 @@ def load_pipeline(base: str, device: str, dtype: torch.dtype | None = None):
     return pipe.to(device)
 
 
-def check_size(size: int | None) -> None:
-    """A requested image size the VAE can take (None: the pipeline's own)."""
-    if size is not None and (size < 8 or size % 8):
-        raise LoraschedError(f"--resolution {size}: must be a positive multiple of 8")
-
-
 def default_size(pipe) -> int:
     """The pipeline's own default resolution in pixels."""
     denoiser = getattr(pipe, "unet", None) or pipe.transformer

@@ -168,17 +168,16 @@ def check_and_verify(path, base: str, prompts, seeds, steps: int | None, guidanc
                      mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
                      bar=None) -> dict:
     """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder."""
-    from merge.convert import pick_device, read_pair
+    from merge.convert import check_size, check_steps, pick_device, read_pair
     from merge.lora_io import read_tensors
 
-    from .pipeline import check_size, default_size, load_pipeline
+    from .pipeline import default_size, load_pipeline
     from .prompts import read_prompts
 
     read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
     scheduled = fileformat.read(path)
     steps = steps or int(scheduled.params.get("steps", 30))
-    if steps < 1:
-        raise LoraschedError(f"--steps {steps}: need at least one denoising step")
+    check_steps(steps)
     check_size(size)
     if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
         raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")

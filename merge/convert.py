@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from calibration.pipeline import check_size
+from calibration.probes import DEFAULT_EMBEDDER
 
 from . import export, rules
 from .base import load_skeleton
@@ -75,7 +75,7 @@ class Calibration:
     batch_size: int = 4
     log: str | None = None
     min_run: int = 1
-    embedder: str = "facebook/dino-vits16"
+    embedder: str = DEFAULT_EMBEDDER
 
     def check(self) -> None:
         if not self.seeds:
@@ -85,6 +85,17 @@ class Calibration:
         if self.min_run < 1:
             raise LoraschedError(f"--min-run {self.min_run}: need at least 1 bin")
         check_size(self.size)
+
+
+def check_steps(steps: int) -> None:
+    if steps < 1:
+        raise LoraschedError(f"--steps {steps}: need at least one denoising step")
+
+
+def check_size(size: int | None) -> None:
+    """A requested image size the VAE can take (None: the pipeline's own)."""
+    if size is not None and (size < 8 or size % 8):
+        raise LoraschedError(f"--resolution {size}: must be a positive multiple of 8")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -121,8 +132,7 @@ def merge(
     `steps` is the step count of the calibration (or probe) passes, run on the base pipeline with its weights;
     `bar(total)` makes the progress bar of the calibration runs.
     """
-    if steps < 1:
-        raise LoraschedError(f"--steps {steps}: need at least one denoising step")
+    check_steps(steps)
     rules.validate(method, options)
     calibration.check()
     check_paths(subject, style, output)
