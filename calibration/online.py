@@ -68,15 +68,17 @@ class OnlineRule:
     def _fixed_sources(self, name: str) -> tuple[str, ...]:
         return tuple(s for s in SOURCES if name in self.pair.source(s).modules)
 
-    def _decide(self, name: str, module, output: torch.Tensor, deltas: dict) -> torch.Tensor:
-        """The decided layer's output; records the choice (and scores) per sample."""
+    def _decide(self, name: str, module, x: torch.Tensor, output: torch.Tensor, factors: dict) -> torch.Tensor:
+        """The decided layer's output; records the choice (and scores) per sample. A weight-only rule runs only
+        the chosen LoRA's path; a feature rule needs both to decide."""
         if not isinstance(self.rule, FeatureKLRule):
             choice = self.rule.choose(name, self.call.p)
             if self.record:
                 self.call.choices[name] = CODES[choice] * (self.samples or output.shape[0])
             for source in SOURCES if choice == BOTH else (choice,):
-                output = output + deltas[source]  # one source at a time, in PEFT's order
+                output = output + lora_output(module, x, *factors[source])  # one source at a time, in PEFT's order
             return output
+        deltas = {source: lora_output(module, x, *factors[source]) for source in SOURCES}
         rows = output.shape[0]
         half = self.samples if self.samples and rows == 2 * self.samples else 0
         channel_dim = 1 if isinstance(module, torch.nn.Conv2d) else -1
@@ -104,11 +106,10 @@ class OnlineRule:
         decided = name in self.decided
 
         def add_lora(module, inputs, output):
-            deltas = {s: lora_output(module, inputs[0], *factors[s]) for s in fixed}
             if decided:
-                return self._decide(name, module, output, deltas)
+                return self._decide(name, module, inputs[0], output, factors)
             for source in fixed:
-                output = output + deltas[source]
+                output = output + lora_output(module, inputs[0], *factors[source])
             return output
 
         return add_lora
