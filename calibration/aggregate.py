@@ -17,12 +17,17 @@ from merge.schedule import AXIS_NOISE, Schedule, fixed_phases
 from .runner import Log
 
 SOURCE_OF = {"c": SUBJECT, "s": STYLE, "b": BOTH}
-PREFERENCE = ("c", "s", "b")  # tie order among equally many votes
+PREFERENCE = ("c", "s", "b")  # tie order among equally many votes (max keeps the first)
+
+
+def _level(call: dict) -> float:
+    """A call's noise level, rounded so that equal levels from different runs fall in one bin."""
+    return round(call["q"], 9)
 
 
 def noise_levels(log: Log) -> list[float]:
     """The distinct noise levels the calibration visited, ascending."""
-    return sorted({round(call["q"], 9) for run in log.runs for call in run["calls"]})
+    return sorted({_level(call) for run in log.runs for call in run["calls"]})
 
 
 def votes(log: Log, levels: list[float]) -> list[list[Counter]]:
@@ -31,7 +36,7 @@ def votes(log: Log, levels: list[float]) -> list[list[Counter]]:
     counts = [[Counter() for _ in levels] for _ in log.layers]
     for run in log.runs:
         for call in run["calls"]:
-            b = index[round(call["q"], 9)]
+            b = index[_level(call)]
             for layer, code in enumerate(call["choices"]):
                 counts[layer][b][code] += 1
     return counts
@@ -69,7 +74,7 @@ def aggregate(log: Log, pair: LoraPair, min_run: int = 1) -> Schedule:
     counts = votes(log, levels)
     layers, agreement = {}, {}
     for name, bins in zip(log.layers, counts):
-        majority = [max(PREFERENCE, key=lambda code: (c[code], -PREFERENCE.index(code))) for c in bins]
+        majority = [max(PREFERENCE, key=votes_of.__getitem__) for votes_of in bins]
         kept = suppress_short_runs(majority, min_run)
         agreement[name] = tuple(c[code] / max(sum(c.values()), 1) for c, code in zip(bins, kept))
         phases = []
