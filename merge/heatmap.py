@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .errors import LoraschedError
 from .lora import BOTH, STYLE, SUBJECT
 from .schedule import AXIS_PROGRESS, Schedule
 
@@ -35,8 +36,6 @@ def _canvas(rows: int, cols: int, legend: str) -> tuple[Image.Image, int, int]:
 def _save(image: Image.Image, path) -> None:
     path = Path(path)
     if not path.parent.resolve().is_dir():
-        from .errors import LoraschedError
-
         raise LoraschedError(f"{path}: folder {path.parent} does not exist")
     image.save(path)
 
