@@ -115,6 +115,8 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
     if Path(path).suffix != ".safetensors" or not fileformat.is_scheduled(path):
         from merge.anatomy import describe, inspect_lora
 
+        if png_path:
+            raise LoraschedError(f"{path}: not a lorasched file, so there is no schedule for --png to draw")
         for line in describe(inspect_lora(path, allow_pickle)):
             click.echo(line)
         return

@@ -245,3 +245,9 @@ def test_bad_calibration_input_is_one_line_exit_2(tiny_base, kohya_pair, tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not out.exists()
+
+
+def test_inspect_png_of_a_plain_lora_is_refused(kohya_pair, tmp_path):
+    result = run("inspect", kohya_pair[0], "--png", tmp_path / "x.png")
+    assert result.exit_code == 2 and "no schedule for --png" in result.stderr
+    assert not (tmp_path / "x.png").exists()
