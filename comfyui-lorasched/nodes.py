@@ -1,0 +1,144 @@
+"""The node: Load Scheduled LoRA (lorasched). Text encoders get the file's LoRA statically through ComfyUI's
+LoRA loader; the denoiser gets one `ScheduledLoRA` patch per layer and the `Replay` clock (see replay.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import comfy.lora
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy.patcher_extension import WrappersMP
+
+from .replay import Replay, ScheduledLoRA, train_timesteps
+from .scheduled_file import ACTIVE, SOURCES, Module, ScheduledLora, error, read
+
+WRAPPER_KEY = "lorasched"
+
+
+def _weight_key(target) -> str:
+    """A ComfyUI key-map value is a weight name, or (name, offset[, function]) for a slice of a fused weight."""
+    return target if isinstance(target, str) else target[0]
+
+
+def _targets(scheduled: ScheduledLora, modules: list[Module], key_map: dict, model, what: str) -> dict[str, object]:
+    """Each module's key-map target, after checking that every key maps and every delta fits its weight."""
+    targets = {module.name: key_map.get(module.key) for module in modules}
+    unmapped = [module.key for module in modules if targets[module.name] is None]
+    architecture = scheduled.metadata.get("ss_base_model_version", "unknown")
+    name = type(getattr(model, "model_config", model)).__name__
+    if unmapped:
+        raise error(scheduled.path, f"{len(unmapped)} of {len(modules)} {what} layers have no weight in this {what} "
+                                    f"({name}) under ComfyUI's LoRA key map, e.g. {', '.join(unmapped[:3])}; the file "
+                                    f"is for {architecture} (ss_base_model_version): use a model of that architecture")
+    for module in modules:
+        target = targets[module.name]
+        shape = list(comfy.utils.get_attr(model, _weight_key(target)).shape)
+        if not isinstance(target, str):
+            dim, _, length = target[1]
+            shape[dim] = length
+        down, up = next(iter(module.factors.values()))
+        if up.shape[0] != shape[0] or up.shape[0] * math.prod(down.shape[1:]) != math.prod(shape):
+            raise error(scheduled.path, f"{module.key} is {up.shape[0]}x{math.prod(down.shape[1:])} but the {what} "
+                                        f"weight {_weight_key(target)} of {name} is {'x'.join(map(str, shape))}; the "
+                                        f"file is for a {architecture} model of another size")
+    return targets
+
+
+def _source_lora(modules: list[Module], source: str) -> dict[str, torch.Tensor]:
+    """One source's factors as a plain LoRA state dict (no alphas: scale 1) under the file's own keys."""
+    lora = {}
+    for module in modules:
+        if source in module.factors:
+            down, up = module.factors[source]
+            lora[f"{module.key}.lora_down.weight"] = down
+            lora[f"{module.key}.lora_up.weight"] = up
+    return lora
+
+
+def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
+    """A clone of `model` with one ScheduledLoRA per layer and the clock; `model` itself is left as it was."""
+    modules = [module for module in scheduled.modules.values() if module.is_denoiser]
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    targets = _targets(scheduled, modules, key_map, model.model, "model")
+    if scheduled.axis == "noise":
+        train_timesteps(model.get_model_object("model_sampling"))  # refuse an unsupported sampling before sampling
+    adapters = {source: comfy.lora.load_lora(_source_lora(modules, source), key_map, log_missing=False)
+                for source in SOURCES}
+    patches = {}
+    for module in modules:
+        target = targets[module.name]
+        sources = {source: adapters[source][target] for source in module.factors}
+        patches[target] = ScheduledLoRA(_weight_key(target), module, sources)
+    patched = model.clone()
+    patched.add_patches(patches, strength)
+    replay = Replay(scheduled.axis, [patch for patch in patches.values() if patch.module.switches])
+    patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, replay.sampler_sample)
+    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, replay.predict_noise)
+    return patched
+
+
+def patch_text_encoders(clip, scheduled: ScheduledLora, strength: float):
+    """The text encoders run once per prompt, outside the denoising loop: each gets its first phase's source(s)
+    (both, where both LoRAs adapt it) through ComfyUI's own LoRA loader."""
+    modules = [module for module in scheduled.modules.values() if not module.is_denoiser]
+    if not modules:
+        return clip
+    _targets(scheduled, modules, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), clip.cond_stage_model,
+             "text encoder")
+    lora = {}
+    for module in modules:
+        active = ACTIVE[module.phases[0][1]]
+        lora[f"{module.key}.lora_down.weight"] = torch.cat([module.factors[source][0] for source in active], 0)
+        lora[f"{module.key}.lora_up.weight"] = torch.cat([module.factors[source][1] for source in active], 1)
+    return comfy.sd.load_lora_for_models(None, clip, lora, 0.0, strength)[1]
+
+
+class LoadScheduledLora:
+    """Load Scheduled LoRA (lorasched): a lorasched file replayed per layer and per step."""
+
+    def __init__(self) -> None:
+        self._cached: tuple[str, float, ScheduledLora] | None = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the schedule is replayed on."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder(s) the file's text-encoder part is applied to."}),
+                "lora_name": (folder_paths.get_filename_list("loras"),
+                              {"tooltip": "A scheduled LoRA exported by lorasched (from the loras folder)."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "load"
+    CATEGORY = "loaders"
+    DESCRIPTION = ("Loads a lorasched scheduled LoRA (a subject and a style LoRA fused into one file) and replays its "
+                   "schedule: at every sampling step each layer carries the subject, the style or both, as the file "
+                   "says. LoraLoader on the same file applies only its static mix.")
+
+    def load(self, model, clip, lora_name: str, strength_model: float, strength_clip: float):
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        scheduled = self._read(path)
+        if strength_model != 0:
+            model = patch_denoiser(model, scheduled, strength_model)
+        if strength_clip != 0:
+            clip = patch_text_encoders(clip, scheduled, strength_clip)
+        return model, clip
+
+    def _read(self, path: str) -> ScheduledLora:
+        """Parse (and hash-check) a file once per version of it."""
+        mtime = os.path.getmtime(path)
+        if self._cached is None or self._cached[:2] != (path, mtime):
+            self._cached = (path, mtime, read(path))
+        return self._cached[2]
+
+
+NODE_CLASS_MAPPINGS = {"LoraschedLoadScheduledLora": LoadScheduledLora}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraschedLoadScheduledLora": "Load Scheduled LoRA (lorasched)"}
