@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m demo prepare demo_work
+	$(PY) -m lorasched.demo prepare demo_work
 	$(VENV)/bin/lorasched merge --base demo_work/tiny-sd --subject demo_work/subject.safetensors \
 		--style demo_work/style.safetensors --method klora --steps 20 --output demo_work/scheduled.safetensors
 	$(VENV)/bin/lorasched inspect demo_work/scheduled.safetensors --max-layers 12
-	$(PY) -m demo replay demo_work/tiny-sd demo_work/scheduled.safetensors
+	$(PY) -m lorasched.demo replay demo_work/tiny-sd demo_work/scheduled.safetensors
 	$(VENV)/bin/lorasched merge --base demo_work/tiny-sd --subject demo_work/subject.safetensors \
 		--style demo_work/style.safetensors --method feature-kl --prompts demo_work/prompts.txt --seeds 0,1 \
 		--steps 20 --resolution 32 --output demo_work/calibrated.safetensors
@@ -31,9 +31,9 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_replay.py
-	$(PY) benchmarks/bench_merge.py
-	$(PY) benchmarks/bench_calibration.py
+	$(PY) -m benchmarks.bench_replay
+	$(PY) -m benchmarks.bench_merge
+	$(PY) -m benchmarks.bench_calibration
 
 clean:
 	rm -rf demo_work build *.egg-info

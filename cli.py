@@ -6,16 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import click
+import torch
+from tqdm import tqdm
 
-import click  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from calibration.probes import DEFAULT_EMBEDDER  # noqa: E402
-from merge import rules  # noqa: E402
-from merge.errors import LoraschedError  # noqa: E402
-from merge.fileformat import FormatError  # noqa: E402
+from lorasched.calibration.probes import DEFAULT_EMBEDDER
+from lorasched.merge import rules
+from lorasched.merge.errors import LoraschedError
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -26,7 +23,7 @@ class Command(click.Command):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (LoraschedError, FormatError) as exc:
+        except LoraschedError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
@@ -38,6 +35,7 @@ def _bar(description: str):
 @click.group()
 def main() -> None:
     """Fuse a subject LoRA and a style LoRA into one scheduled LoRA file, and inspect such files."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before a command first imports transformers
 
 
 @main.command(cls=Command)
@@ -78,8 +76,9 @@ def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps,
           prompts, seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder,
           tensor_format, allow_pickle) -> None:
     """Merge two LoRAs into one scheduled LoRA file."""
-    from merge.convert import Calibration, parse_seeds
-    from merge.convert import merge as run_merge
+    from lorasched.convert import Calibration
+    from lorasched.convert import merge as run_merge
+    from lorasched.merge.checks import parse_seeds
 
     options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode, temperature=temperature)
     calibration = Calibration(
@@ -107,13 +106,12 @@ def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps,
 def inspect(path, max_layers, png_path, allow_pickle) -> None:
     """Print a scheduled file's sources, method, parameters and each layer's switch points;
     for any other LoRA file, its format, architecture, modules, ranks, alphas, dtypes and metadata keys."""
-    from merge import fileformat, report
-    from merge.lora_io import read_tensors
-    from merge.schedule import Schedule
+    from lorasched.merge import fileformat, report
+    from lorasched.merge.lora_io import read_tensors
 
     read_tensors(path, allow_pickle)  # one-line errors for a missing, truncated or non-safetensors file
     if Path(path).suffix != ".safetensors" or not fileformat.is_scheduled(path):
-        from merge.anatomy import describe, inspect_lora
+        from lorasched.merge.anatomy import describe, inspect_lora
 
         if png_path:
             raise LoraschedError(f"{path}: not a lorasched file, so there is no schedule for --png to draw")
@@ -121,13 +119,12 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
             click.echo(line)
         return
     scheduled = fileformat.read(path)
-    schedule = Schedule.from_json(scheduled.schedule_json)
-    for line in report.summary_lines(scheduled, schedule) + [""] + report.table_lines(scheduled, schedule, max_layers):
+    for line in report.summary_lines(scheduled) + [""] + report.table_lines(scheduled, max_layers):
         click.echo(line)
     if png_path:
-        from merge.heatmap import draw_schedule
+        from lorasched.merge.heatmap import draw_schedule
 
-        draw_schedule(schedule, report.decided_layers(scheduled, schedule), int(scheduled.params.get("steps", 30)),
+        draw_schedule(scheduled.schedule, report.decided_layers(scheduled), int(scheduled.params.get("steps", 30)),
                       png_path)
         click.echo(f"wrote {png_path}")
 
@@ -152,11 +149,11 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
 def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device, min_agreement, report_dir,
            subject, style) -> None:
     """Run the online rule and the replay side by side on held-out prompts/seeds and report how they differ."""
-    from calibration.verify import check_and_verify
-    from merge import report
-    from merge.convert import parse_seeds
+    from lorasched.convert import verify_file
+    from lorasched.merge import report
+    from lorasched.merge.checks import parse_seeds
 
-    result = check_and_verify(
+    result = verify_file(
         path, base, prompts, parse_seeds(seeds), steps, guidance, resolution, mode, device, report_dir,
         sources=(subject, style) if subject or style else None,
         bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),

@@ -1,20 +1,119 @@
 """Tiny random-weight pipelines of every supported architecture, built in code (seeded, no downloads).
 
-SD1.x lives in `demo.tiny_sd_pipeline`; here are SDXL (two CLIP encoders, `text_embeds`/`time_ids`
-conditioning), FLUX.1 (`FluxTransformer2DModel`) and SD3 (`SD3Transformer2DModel`). FLUX and SD3 get no
+SD1.x, SDXL (two CLIP encoders, `text_embeds`/`time_ids` conditioning), FLUX.1 (`FluxTransformer2DModel`) and SD3 (`SD3Transformer2DModel`). FLUX and SD3 get no
 tokenizers: they are driven with precomputed prompt embeddings (`transformer_inputs`), which is all a test of
 the denoiser needs. `ARCHITECTURES` maps each name to its builder.
 """
 
 from __future__ import annotations
 
+import json
+import string
+import tempfile
 from pathlib import Path
 
 import torch
 
-from demo import _tokenizer, tiny_sd_pipeline
-
 TEXT_WIDTH = 32
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over single characters, from a vocab written here (no download)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ",.!":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")), model_max_length=77)
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline with tiny random UNet, VAE and CLIP text encoder (seeded)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=16,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=128,
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def random_kohya_lora(
+    pipe,
+    rank: int,
+    alpha: float,
+    seed: int,
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    text_encoder: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A kohya-format LoRA over UNet linears whose names end with `targets` (and the CLIP attention projections if asked),
+    each module with its own random magnitude so that selection rules have something to choose between.
+    Text-encoder keys use kohya's `lora_te_text_model_…` names whatever the transformers version calls the module."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = [("lora_unet_", pipe.unet, targets)]
+    if text_encoder:
+        parts.append(("lora_te_", pipe.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj")))
+    tensors = {}
+    for prefix, model, suffixes in parts:
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(suffixes):
+                continue
+            if prefix == "lora_te_" and not name.startswith("text_model."):
+                name = "text_model." + name
+            key = prefix + name.replace(".", "_")
+            magnitude = float(torch.empty(1).log_normal_(0.0, 0.6, generator=generator))
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.1
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * magnitude
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    return tensors
 
 
 def _clip(with_projection: bool = False, hidden: int = TEXT_WIDTH):
@@ -62,7 +161,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
         unet=unet, vae=_vae(4), text_encoder=_clip(), text_encoder_2=_clip(with_projection=True),
-        tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), scheduler=scheduler, force_zeros_for_empty_prompt=False,
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), scheduler=scheduler, force_zeros_for_empty_prompt=False,
     )
 
 
@@ -137,8 +236,6 @@ def generate(pipe, steps: int, seed: int = 0) -> torch.Tensor:
 def save_sd_configs(folder: str | Path, version: str = "sd15") -> Path:
     """A configs-only diffusers folder of real SD1.5 (`sd15`) or SD2.1-base (`sd21`) size: the base real LoRA
     files fit. No weights are written; `lorasched merge --base` only reads configs."""
-    import json
-
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig
 

@@ -3,7 +3,7 @@ with a random rank-16 kohya pair over its attention and feed-forward linears: th
 (balance run + prompts × seeds, batched, with its progress bar) against the same passes without any LoRA.
 Uses `cuda` (fp16) when present.
 
-    python benchmarks/bench_calibration.py [--prompts 4] [--seeds 1] [--steps 10] [--resolution 256]
+    python -m benchmarks.bench_calibration [--prompts 4] [--seeds 1] [--steps 10] [--resolution 256]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -42,7 +41,7 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from demo import _tokenizer
+    from lorasched.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
@@ -57,7 +56,7 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                 num_attention_heads=12, max_position_embeddings=77))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(), unet=unet,
+        vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
         scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                          steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -85,10 +84,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512 if gpu else 256)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
-    from calibration.aggregate import aggregate
-    from calibration.runner import Settings, calibrate
-    from merge.convert import read_pair
-    from merge.rules.feature_kl import FeatureKLRule
+    from lorasched.calibration.aggregate import aggregate
+    from lorasched.calibration.runner import Settings, calibrate
+    from lorasched.merge.lora_io import read_pair
+    from lorasched.merge.rules.feature_kl import FeatureKLRule
 
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     folder = Path(tempfile.mkdtemp(prefix="bench_calibration_"))

@@ -1,7 +1,7 @@
 """Merge time and peak memory for an SDXL-size kohya pair (full width, 722 modules, rank 64, fp16), files
 written by this script. Each merge runs as `lorasched merge` in a child process, so its peak RSS is its own.
 
-    python benchmarks/bench_merge.py [--rank 64] [--device auto|cpu|cuda]
+    python -m benchmarks.bench_merge [--rank 64] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402

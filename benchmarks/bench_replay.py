@@ -4,8 +4,8 @@ call), and the feature-kl rule run online (two low-rank LoRA passes and two KL d
 call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
 several full runs after a warm-up round.
 
-    python benchmarks/bench_replay.py                  # CPU defaults: --width 0.2 --resolution 256
-    python benchmarks/bench_replay.py --width 1 --resolution 1024 --dtype fp16   # full SDXL, on a GPU
+    python -m benchmarks.bench_replay                  # CPU defaults: --width 0.2 --resolution 256
+    python -m benchmarks.bench_replay --width 1 --resolution 1024 --dtype fp16   # full SDXL, on a GPU
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from benchmarks.sdxl_like import build_unet, lora_targets, random_kohya  # noqa: E402
-from calibration.online import OnlineRule  # noqa: E402
-from merge import rules  # noqa: E402
-from merge.export import export  # noqa: E402
-from merge.lora import LoraFile, LoraModule, LoraPair  # noqa: E402
-from merge.quiet import collected_loading_messages  # noqa: E402
-from merge.replay import attach  # noqa: E402
-from merge.rules.feature_kl import FeatureKLRule  # noqa: E402
-from merge.rules.klora import topk_abs_sum  # noqa: E402
-from merge.schedule import from_rule  # noqa: E402
+from lorasched.calibration.online import OnlineRule  # noqa: E402
+from lorasched.merge import rules  # noqa: E402
+from lorasched.merge.export import export  # noqa: E402
+from lorasched.merge.lora import LoraFile, LoraModule, LoraPair  # noqa: E402
+from lorasched.merge.quiet import collected_loading_messages  # noqa: E402
+from lorasched.merge.replay import attach  # noqa: E402
+from lorasched.merge.rules.feature_kl import FeatureKLRule  # noqa: E402
+from lorasched.merge.rules.klora import topk_abs_sum  # noqa: E402
+from lorasched.merge.schedule import from_rule  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,15 +41,15 @@ def tiny_sdxl_pipeline(unet):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from demo import _tokenizer
+    from lorasched.tiny import tiny_tokenizer
 
     config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL(block_out_channels=[32], norm_num_groups=16, latent_channels=4),
         text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32)),
-        tokenizer=_tokenizer(),
-        tokenizer_2=_tokenizer(),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
         unet=unet,
         scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     )

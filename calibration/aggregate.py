@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from merge.errors import LoraschedError
-from merge.lora import BOTH, STYLE, SUBJECT, LoraPair
-from merge.schedule import AXIS_NOISE, Schedule, fixed_phases
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import BOTH, STYLE, SUBJECT, LoraPair
+from lorasched.merge.schedule import AXIS_NOISE, Schedule, fixed_phases
 
 from .runner import Log
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from merge.lora import BOTH, SOURCES, STYLE, SUBJECT, LoraModule, LoraPair
-from merge.replay import Clock
-from merge.rules.feature_kl import FeatureKLRule, divergences
+from lorasched.merge.clock import Clock
+from lorasched.merge.lora import BOTH, SOURCES, STYLE, SUBJECT, LoraModule, LoraPair
+from lorasched.merge.names import get_module
+from lorasched.merge.rules.feature_kl import FeatureKLRule, divergences
 
 CODES = {SUBJECT: "c", STYLE: "s", BOTH: "b"}
 
@@ -124,8 +125,7 @@ class OnlineRule:
         denoiser = getattr(self.pipe, self.pair.denoiser)
         self._handles.append(denoiser.register_forward_pre_hook(self._start_call, with_kwargs=True))
         for name in self.pair.module_names:
-            component, _, path = name.partition(".")
-            module = getattr(self.pipe, component).get_submodule(path)
+            module = get_module(self.pipe, name)
             self._handles.append(module.register_forward_hook(self._hook(name, module)))
         return self
 

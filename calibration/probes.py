@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from merge.errors import LoraschedError
-from merge.lora import STYLE, SUBJECT, LoraPair
-from merge.rules.direct import DirectRule
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import STYLE, SUBJECT, LoraPair
+from lorasched.merge.rules.direct import DirectRule
 
 from .online import OnlineRule
 

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from merge.errors import LoraschedError
-from merge.lora import LoraFile, LoraPair
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import LoraFile, LoraPair
 
 
 def read_prompts(given: tuple[str, ...]) -> list[str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from merge.errors import LoraschedError
-from merge.lora import LoraPair
-from merge.rules.feature_kl import FeatureKLRule, balance
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import LoraPair
+from lorasched.merge.rules.feature_kl import FeatureKLRule, balance
 
 from .online import OnlineRule
 

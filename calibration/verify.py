@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from merge import fileformat, rules
-from merge.errors import LoraschedError
-from merge.lora import SOURCES, LoraFile, LoraModule, LoraPair, denoiser_name
-from merge.replay import attach, source_factors
-from merge.report import decided_layers
-from merge.rules.feature_kl import FeatureKLRule
-from merge.schedule import AXIS_PROGRESS, Schedule
+from lorasched.merge import fileformat, rules
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import SOURCES, LoraFile, LoraModule, LoraPair, denoiser_name
+from lorasched.merge.replay import attach, source_factors
+from lorasched.merge.report import decided_layers
+from lorasched.merge.rules.feature_kl import FeatureKLRule
+from lorasched.merge.schedule import AXIS_PROGRESS
 
 from .online import CODES, OnlineRule
 from .runner import seeded_generators
@@ -103,10 +103,10 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
     never use it (weight-only rules decide from recorded scores and need only the file).
     """
     scheduled = fileformat.read(path, with_tensors=True)
-    schedule = Schedule.from_json(scheduled.schedule_json)
+    schedule = scheduled.schedule
     pair = pair or pair_from_file(scheduled, pipe)
     rule = rules.from_file(scheduled.method, scheduled.params, scheduled.modules)
-    layers = decided_layers(scheduled, schedule)
+    layers = decided_layers(scheduled)
     feature_rule = isinstance(rule, FeatureKLRule)
     if feature_rule and not set(layers) <= set(pair.both_adapted):
         missing = len(set(layers) - set(pair.both_adapted))
@@ -164,55 +164,14 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
     }
 
 
-def check_and_verify(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,
-                     mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
-                     bar=None) -> dict:
-    """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder."""
-    from merge.convert import check_size, check_steps, pick_device, read_pair
-    from merge.lora_io import read_tensors
-
-    from .pipeline import default_size, load_pipeline
-    from .prompts import read_prompts
-
-    read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
-    scheduled = fileformat.read(path)
-    steps = steps or int(scheduled.params.get("steps", 30))
-    check_steps(steps)
-    check_size(size)
-    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
-        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
-    prompts = read_prompts(tuple(prompts))
-    if not prompts:
-        raise LoraschedError(f"{path}: verify needs at least one held-out prompt (--prompts)")
-    pair = None
-    if sources is not None:
-        if None in sources:
-            raise LoraschedError(f"{path}: give both --subject and --style, or neither")
-        pair = read_pair(base, *sources)
-        for lora, role in ((pair.subject, "subject"), (pair.style, "style")):
-            if lora.sha256 != scheduled.sources[role]["sha256"]:
-                raise LoraschedError(f"{lora.path}: is not the {role} LoRA this file was made from (sha256 differs)")
-    pipe = load_pipeline(base, pick_device(device))
-    size = size or default_size(pipe)
-    progress = bar(2 * len(prompts) * len(seeds)) if bar else None
-    try:
-        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, pair, progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    if report_dir is not None:
-        write_report(result, scheduled, report_dir)
-    return result
-
-
 def write_report(result: dict, scheduled: fileformat.ScheduledFile, folder) -> None:
     """report.json (the numbers, inf PSNR as null), schedule.png and agreement.png (layers × steps)."""
-    from merge.heatmap import draw_agreement, draw_schedule
+    from lorasched.merge.heatmap import draw_agreement, draw_schedule
 
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
     finite = {k: (v if not (isinstance(v, float) and math.isinf(v)) else None) for k, v in result.items()}
     (folder / "report.json").write_text(json.dumps(finite, indent=1) + "\n")
-    schedule = Schedule.from_json(scheduled.schedule_json)
+    schedule = scheduled.schedule
     draw_schedule(schedule, result["layers"], result["steps"], folder / "schedule.png")
     draw_agreement(result["agreement_grid"], folder / "agreement.png")

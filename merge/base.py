@@ -65,6 +65,10 @@ def _component(library: str, class_name: str, folder: Path, is_scheduler: bool, 
 def load_skeleton(base: str, dtype: torch.dtype = torch.float32):
     """The base pipeline with untouched weights: right classes, names and shapes, fit for `load_lora_weights`.
 
+    Only the components a LoRA can adapt (and the scheduler) are built; the others are None, so a component whose
+    config names a class by a pipeline-relative library (SD1.5's `["stable_diffusion",
+    "StableDiffusionSafetyChecker"]`) never needs resolving.
+
     `dtype` should be the LoRAs' own: PEFT casts adapter weights to the base layer's dtype, so a matching
     skeleton keeps the factors bit-exact and uncopied.
     """
@@ -77,11 +81,12 @@ def load_skeleton(base: str, dtype: torch.dtype = torch.float32):
         raise LoraschedError(f"{base}: unknown pipeline class {index['_class_name']}")
     accepted = inspect.signature(pipeline_cls.__init__).parameters
     components: dict[str, object] = {}
+    wanted = set(getattr(pipeline_cls, "_lora_loadable_modules", ())) | {"scheduler"}
     for name, spec in index.items():
         if name not in accepted or not isinstance(spec, list):
             continue
         library, class_name = spec
-        if class_name is None:
+        if class_name is None or name not in wanted:  # VAE, tokenizers, safety checker: no LoRA reaches them
             components[name] = None
             continue
         try:

@@ -16,15 +16,13 @@ only at full FLUX.1 width (its qkv split hard-codes 3072) and SD3 kohya files no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from diffusers.utils import convert_state_dict_to_kohya
-
 from . import fileformat
 from .errors import LoraschedError
 from .lora import SOURCES, LoraPair
+from .names import SgmLayout, kohya_key
 from .schedule import Schedule
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
@@ -50,21 +48,13 @@ def resolve_format(requested: str | None, pipeline_class: str) -> str:
     return requested
 
 
-def factor_names(name: str, tensor_format: str, single_text_encoder: bool) -> tuple[str, str, str]:
+def factor_names(name: str, tensor_format: str, single_text_encoder: bool,
+                 sgm: SgmLayout | None = None) -> tuple[str, str, str]:
     """(record key, down tensor name, up tensor name) of a module in the given format."""
     if tensor_format == DIFFUSERS:
         return name, f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-    key = kohya_key(name, single_text_encoder)
+    key = kohya_key(name, single_text_encoder, sgm)
     return key, f"{key}.lora_down.weight", f"{key}.lora_up.weight"
-
-
-def kohya_key(name: str, single_text_encoder: bool) -> str:
-    """The kohya prefix of a module (`lora_unet_…`, `lora_te_…`), via diffusers' own PEFT→kohya converter."""
-    probe = {f"{name}.lora_A.weight": torch.zeros(1, 1)}
-    key = next(iter(convert_state_dict_to_kohya(probe))).split(".")[0]
-    if single_text_encoder and key.startswith("lora_te1_"):
-        key = "lora_te_" + key.removeprefix("lora_te1_")
-    return key
 
 
 def export_dtype(pair: LoraPair) -> torch.dtype:
@@ -74,7 +64,6 @@ def export_dtype(pair: LoraPair) -> torch.dtype:
 def build_tensors(
     pair: LoraPair,
     schedule: Schedule,
-    single_text_encoder: bool,
     dtype: torch.dtype | None = None,
     tensor_format: str = KOHYA,
 ) -> tuple[dict, dict]:
@@ -93,7 +82,7 @@ def build_tensors(
             downs.append(module.down.to(torch.float32) * (weight * module.scale))
             ups.append(module.up.to(torch.float32))
             ranks.append(module.rank)
-        key, down_name, up_name = factor_names(name, tensor_format, single_text_encoder)
+        key, down_name, up_name = factor_names(name, tensor_format, pair.single_text_encoder, pair.sgm)
         tensors[down_name] = torch.cat(downs, 0).to(dtype).contiguous()
         tensors[up_name] = torch.cat(ups, 1).to(dtype).contiguous()
         records[name] = {"key": key, "ranks": ranks, "static": list(weights)}
@@ -115,7 +104,7 @@ def compatibility_metadata(pipeline_class: str, title: str, sources: dict, max_r
         "modelspec.merged_from": ", ".join(s["file"] for s in sources.values()),
         "modelspec.usage_hint": (
             "Plain loading applies a fixed mix of both LoRAs. To replay the per-layer timestep schedule, "
-            "use the lorasched replay hook: merge.replay.attach(pipe, this_file)."
+            "use the lorasched replay hook: from lorasched import attach; attach(pipe, this_file)."
         ),
     }
 
@@ -134,21 +123,14 @@ def export(
     """Write the scheduled LoRA file (atomic, deterministic); dtype None keeps the inputs' (promoted) dtype,
     tensor_format None the architecture's default (see `resolve_format`)."""
     tensor_format = resolve_format(tensor_format, pair.pipeline_class)
-    tensors, records = build_tensors(pair, schedule, pair.single_text_encoder, dtype, tensor_format)
+    tensors, records = build_tensors(pair, schedule, dtype, tensor_format)
     for name, score in scores.items():
         records[name]["scores"] = list(score)
     sources = {
         source: {"file": Path(lora.path).name, "sha256": lora.sha256, "dtype": str(lora.dtype).removeprefix("torch.")}
         for source, lora in ((s, pair.source(s)) for s in SOURCES)
     }
-    metadata = {
-        fileformat.KEY_METHOD: method,
-        fileformat.KEY_PARAMS: json.dumps(params, sort_keys=True),
-        fileformat.KEY_SOURCES: json.dumps(sources, sort_keys=True),
-        fileformat.KEY_SCHEDULE: schedule.to_json(),
-        fileformat.KEY_MODULES: json.dumps(records, sort_keys=True, separators=(",", ":")),
-        fileformat.KEY_TENSOR_FORMAT: tensor_format,
-    }
+    metadata = fileformat.pack(method, params, sources, schedule, records, tensor_format)
     max_rank = max(sum(record["ranks"]) for record in records.values())
     title = Path(path).stem
     metadata.update(compatibility_metadata(pair.pipeline_class, title, sources, max_rank))

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .errors import FormatError
+from .lora import BOTH
+from .schedule import Schedule
 
 NAMESPACE = "lorasched"
 FORMAT_VERSION = "1"
@@ -30,10 +35,6 @@ KEY_MODULES = f"{NAMESPACE}.modules"
 KEY_TENSOR_HASH = f"{NAMESPACE}.tensor_sha256"
 KEY_TENSOR_FORMAT = f"{NAMESPACE}.tensor_format"  # `kohya` (also when absent) or `diffusers`
 PEFT_TO_HOOK = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
-
-
-class FormatError(ValueError):
-    """The file is not a lorasched file, or its weights no longer match its schedule."""
 
 
 def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -97,7 +98,7 @@ def _hook_name(key: str) -> str:
 
 @dataclass(frozen=True)
 class ScheduledFile:
-    """What replay and inspect need from a file: parsed metadata, and the tensors when asked for."""
+    """What replay and inspect need from a file: its checked metadata, and the tensors when asked for."""
 
     path: str
     metadata: dict[str, str]
@@ -105,8 +106,21 @@ class ScheduledFile:
     params: dict
     sources: dict
     modules: dict[str, dict]
-    schedule_json: str
+    schedule: Schedule
     tensors: dict[str, torch.Tensor] | None = None  # named `<record key>.lora_down/up.weight` whatever the format
+
+
+def pack(method: str, params: dict, sources: dict, schedule: Schedule, records: dict[str, dict],
+         tensor_format: str) -> dict[str, str]:
+    """The `lorasched.*` metadata of a file (version and tensor hash are added by `write`)."""
+    return {
+        KEY_METHOD: method,
+        KEY_PARAMS: json.dumps(params, sort_keys=True),
+        KEY_SOURCES: json.dumps(sources, sort_keys=True),
+        KEY_SCHEDULE: schedule.to_json(),
+        KEY_MODULES: json.dumps(records, sort_keys=True, separators=(",", ":")),
+        KEY_TENSOR_FORMAT: tensor_format,
+    }
 
 
 def is_scheduled(path: str | Path) -> bool:
@@ -116,27 +130,148 @@ def is_scheduled(path: str | Path) -> bool:
 
 
 def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
-    """Parse a lorasched file; with tensors, also refuse one whose tensor hash does not match its schedule."""
-    with safe_open(os.fspath(path), "pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get(KEY_VERSION) is None:
+    """Parse and check a lorasched file against the whole schema; with tensors, also refuse one whose tensors do
+    not match its records or whose tensor hash does not match (weights changed after export). Every problem is a
+    one-line `FormatError` naming the file and the key."""
+    try:
+        with safe_open(os.fspath(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError) as exc:
+        raise FormatError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    version = metadata.get(KEY_VERSION)
+    if version is None:
         raise FormatError(f"{path}: not a lorasched file (no {KEY_VERSION} in its metadata)")
-    if metadata[KEY_VERSION] != FORMAT_VERSION:
-        raise FormatError(f"{path}: lorasched format {metadata[KEY_VERSION]} is not supported (need {FORMAT_VERSION})")
-    tensors = None
-    if with_tensors:
-        tensors = load_file(os.fspath(path))
-        if tensor_sha256(tensors) != metadata.get(KEY_TENSOR_HASH):
-            raise FormatError(f"{path}: tensor hash does not match the schedule (weights changed after export)")
-        if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
-            tensors = {_hook_name(key): tensor for key, tensor in tensors.items()}
-    return ScheduledFile(
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{path}: lorasched format {version} is not supported (need {FORMAT_VERSION})")
+    check = _Checker(path, metadata)
+    method = check.method()
+    scheduled = ScheduledFile(
         path=os.fspath(path),
         metadata=metadata,
-        method=metadata[KEY_METHOD],
-        params=json.loads(metadata[KEY_PARAMS]),
-        sources=json.loads(metadata[KEY_SOURCES]),
-        modules=json.loads(metadata[KEY_MODULES]),
-        schedule_json=metadata[KEY_SCHEDULE],
-        tensors=tensors,
+        method=method,
+        params=check.params(method),
+        sources=check.sources(),
+        modules=check.modules(),
+        schedule=check.schedule(),
     )
+    check.consistent(scheduled)
+    if not with_tensors:
+        return scheduled
+    tensors = load_file(os.fspath(path))
+    if tensor_sha256(tensors) != metadata.get(KEY_TENSOR_HASH):
+        raise FormatError(f"{path}: tensor hash does not match the schedule (weights changed after export)")
+    if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
+        tensors = {_hook_name(key): tensor for key, tensor in tensors.items()}
+    check.tensors(scheduled.modules, tensors)
+    return replace(scheduled, tensors=tensors)
+
+
+METHOD_PARAMS = {"klora": ("alpha", "beta", "gamma"), "est": ("alpha", "beta", "gamma"), "direct": (),
+                 "feature-kl": ("gamma", "temperature")}
+NESTED_PARAMS = {  # what inspect shows of them
+    "calibration": ("prompts", "seeds", "guidance", "size", "mean_agreement", "log"),
+    "beta_source": ("similarity", "embedder", "prompt", "seed", "steps"),
+}
+SOURCE_NAMES = ("subject", "style")
+TENSOR_FORMATS = ("kohya", "diffusers")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Checker:
+    """The schema, checked key by key; the first problem raises with the key it is in."""
+
+    def __init__(self, path, metadata: dict[str, str]) -> None:
+        self.path, self.metadata = path, metadata
+
+    def fail(self, key: str, problem: str):
+        raise FormatError(f"{self.path}: metadata {key} {problem}")
+
+    def json(self, key: str, kind: type):
+        text = self.metadata.get(key)
+        if text is None:
+            self.fail(key, "is missing")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            self.fail(key, "is not JSON")
+        if not isinstance(value, kind):
+            self.fail(key, f"is not a JSON {'object' if kind is dict else kind.__name__}")
+        return value
+
+    def method(self) -> str:
+        method = self.metadata.get(KEY_METHOD)
+        if method not in METHOD_PARAMS:
+            self.fail(KEY_METHOD, f"is {method!r}, not one of {', '.join(METHOD_PARAMS)}")
+        return method
+
+    def params(self, method: str) -> dict:
+        params = self.json(KEY_PARAMS, dict)
+        for name in METHOD_PARAMS[method]:
+            if not _finite(params.get(name)):
+                self.fail(KEY_PARAMS, f"needs a finite number {name!r} for {method} (has {params.get(name)!r})")
+        if "steps" in params and not (isinstance(params["steps"], int) and params["steps"] >= 1):
+            self.fail(KEY_PARAMS, f"has steps {params['steps']!r}, not a positive integer")
+        for name, fields in NESTED_PARAMS.items():
+            if name in params and not (isinstance(params[name], dict) and set(fields) <= set(params[name])):
+                if params[name] != "given":
+                    self.fail(KEY_PARAMS, f"has a {name} without its fields ({', '.join(fields)})")
+        return params
+
+    def sources(self) -> dict:
+        sources = self.json(KEY_SOURCES, dict)
+        for role in SOURCE_NAMES:
+            info = sources.get(role)
+            if not isinstance(info, dict) or not isinstance(info.get("file"), str) or \
+                    not isinstance(info.get("sha256"), str):
+                self.fail(KEY_SOURCES, f"has no {role} with a file name and sha256")
+        return sources
+
+    def modules(self) -> dict[str, dict]:
+        modules = self.json(KEY_MODULES, dict)
+        if not modules:
+            self.fail(KEY_MODULES, "lists no module")
+        for name, record in modules.items():
+            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+                self.fail(KEY_MODULES, f"has no tensor key for {name}")
+            ranks, static = record.get("ranks"), record.get("static")
+            if not (isinstance(ranks, list) and len(ranks) == 2 and
+                    all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks) and sum(ranks)):
+                self.fail(KEY_MODULES, f"has ranks {ranks!r} for {name}, not two non-negative integers")
+            if not (isinstance(static, list) and len(static) == 2 and all(_finite(c) and 0 <= c <= 1 for c in static)):
+                self.fail(KEY_MODULES, f"has static weights {static!r} for {name}, not two numbers in [0, 1]")
+            if any(rank and not weight for rank, weight in zip(ranks, static)):
+                self.fail(KEY_MODULES, f"gives {name} a source with a rank but a static weight of 0")
+        return modules
+
+    def schedule(self) -> Schedule:
+        data = self.json(KEY_SCHEDULE, dict)
+        try:
+            return Schedule.from_data(data)
+        except ValueError as exc:
+            self.fail(KEY_SCHEDULE, str(exc))
+
+    def consistent(self, scheduled: ScheduledFile) -> None:
+        """Every scheduled layer has a record whose ranks carry the sources its phases use."""
+        layers, modules = scheduled.schedule.layers, scheduled.modules
+        if set(layers) != set(modules):
+            name = sorted(set(layers) ^ set(modules))[0]
+            self.fail(KEY_SCHEDULE, f"and {KEY_MODULES} disagree on the layers ({name} is in only one)")
+        for name, phases in layers.items():
+            ranks = dict(zip(SOURCE_NAMES, modules[name]["ranks"]))
+            for _, source in phases:
+                for part in SOURCE_NAMES if source == BOTH else (source,):
+                    if not ranks[part]:
+                        self.fail(KEY_SCHEDULE, f"makes {name} use the {part} LoRA, whose factors it does not carry")
+
+    def tensors(self, modules: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+        for name, record in modules.items():
+            key, rank = record["key"], sum(record["ranks"])
+            down, up = tensors.get(f"{key}.lora_down.weight"), tensors.get(f"{key}.lora_up.weight")
+            if down is None or up is None:
+                raise FormatError(f"{self.path}: no factors for {name} (tensors {key}.lora_down/up.weight)")
+            if down.ndim < 2 or up.ndim < 2 or down.shape[0] != rank or up.shape[1] != rank:
+                raise FormatError(f"{self.path}: factors of {name} have shapes {tuple(down.shape)} and "
+                                  f"{tuple(up.shape)}, not rank {rank}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .names import SgmLayout
+
 SUBJECT = "subject"
 STYLE = "style"
 SOURCES = (SUBJECT, STYLE)
@@ -56,6 +58,7 @@ class LoraPair:
     denoiser: str
     pipeline_class: str = "StableDiffusionPipeline"
     single_text_encoder: bool = True
+    sgm: SgmLayout | None = None  # SDXL: kohya keys are written under SGM UNet names
 
     def source(self, name: str) -> LoraFile:
         return self.subject if name == SUBJECT else self.style

@@ -8,6 +8,7 @@ and scaling a real load would use. No key surgery lives here, only the checks th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .base import load_skeleton
 from .errors import LoraschedError
-from .lora import LoraFile, LoraModule, denoiser_name
+from .lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair, denoiser_name
+from .names import SgmLayout, canonical_name
 from .quiet import collected_loading_messages, key_problems
 
 UNSUPPORTED_MARKERS = {
@@ -130,10 +133,11 @@ def lora_components(pipe) -> list[str]:
 
 def _adapted_layers(pipe, adapter: str):
     for component in lora_components(pipe):
-        for name, module in getattr(pipe, component).named_modules():
+        model = getattr(pipe, component)
+        for name, module in model.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if lora_a is not None and adapter in lora_a:
-                yield f"{component}.{name}", module
+                yield canonical_name(component, model, name), module
 
 
 def _read_back(path: Path, pipe, adapter: str) -> dict[str, LoraModule]:
@@ -168,7 +172,9 @@ class RawLora:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(t.dtype for t in self.tensors.values() if t.is_floating_point())
+        """The factors' promoted dtype; scalar `.alpha` tensors (often float32 in fp16 files) do not count."""
+        factors = [t.dtype for t in self.tensors.values() if t.is_floating_point() and t.ndim >= 2]
+        return functools.reduce(torch.promote_types, factors)
 
 
 def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
@@ -230,3 +236,22 @@ def read_lora(raw: RawLora, skeleton, adapter: str) -> LoraFile:
     if not modules:
         raise LoraschedError(f"{path}: no module of this base is adapted by it (a LoRA for another architecture?)")
     return LoraFile(path=str(path), sha256=file_sha256(path), dtype=dtype, modules=modules, metadata=raw.metadata)
+
+
+def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -> LoraPair:
+    """Both LoRAs checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
+    from diffusers import StableDiffusionXLPipeline
+
+    raw_subject, raw_style = open_lora(subject, allow_pickle), open_lora(style, allow_pickle)
+    skeleton = load_skeleton(base, torch.promote_types(raw_subject.dtype, raw_style.dtype))
+    pair = LoraPair(
+        subject=read_lora(raw_subject, skeleton, SUBJECT),
+        style=read_lora(raw_style, skeleton, STYLE),
+        denoiser=denoiser_name(skeleton),
+        pipeline_class=type(skeleton).__name__,
+        single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
+        sgm=SgmLayout.of(skeleton.unet.config) if isinstance(skeleton, StableDiffusionXLPipeline) else None,
+    )
+    if not pair.both_adapted:
+        raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
+    return pair

@@ -1,4 +1,4 @@
-"""Replaying a scheduled LoRA file in a diffusers pipeline: `handle = attach(pipe, path)`, `handle.detach()`.
+"""Replaying a scheduled LoRA file in a diffusers pipeline: `with attach(pipe, path): pipe(...)`.
 
 A forward pre-hook on the denoiser reads the `timestep` it is called with, turns it into the schedule's time
 coordinate (denoising progress, or noise level for calibrated schedules; see schedule.py), and rewrites only
@@ -24,9 +24,11 @@ from functools import partial
 import torch
 
 from . import fileformat
+from .clock import Clock
+from .errors import LoraschedError
 from .lora import BOTH, SOURCES, STYLE, SUBJECT, denoiser_name
+from .names import get_module
 from .quiet import collected_loading_messages, key_problems
-from .schedule import AXES, AXIS_PROGRESS, Schedule
 
 MODES = ("fused", "unfused")
 ADAPTERS = {SUBJECT: "lorasched_subject", STYLE: "lorasched_style"}
@@ -47,55 +49,6 @@ def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[str, t
                 offset += rank
         factors[name] = parts
     return factors
-
-
-class Clock:
-    """Where a denoiser call sits on a schedule's time axis, read from the `timestep` it is called with.
-
-    `progress`: the position of the timestep among the scheduler's distinct timesteps, n / N (second-order
-    schedulers that call twice per step, and img2img runs that start late, map to the same p as a full run).
-    `noise`: 1 − t / T_train, independent of the step count and spacing. Transformers that receive timestep / 1000
-    (FLUX) are matched on the scheduler's scale too.
-    """
-
-    def __init__(self, scheduler, axis: str = AXIS_PROGRESS) -> None:
-        if axis not in AXES:
-            raise ValueError(f"unknown time axis {axis!r}")
-        self.scheduler, self.axis = scheduler, axis
-        self.train_steps = float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
-        self._source = None
-        self._values: list[float] = []
-
-    def _distinct(self) -> list[float]:
-        timesteps = self.scheduler.timesteps
-        if timesteps is not self._source:
-            values = [float(t) for t in timesteps]
-            self._values = [t for i, t in enumerate(values) if i == 0 or t != values[i - 1]]
-            self._source = timesteps
-        return self._values
-
-    def timestep(self, timestep) -> float:
-        """The call's timestep on the scheduler's scale."""
-        values = self._distinct()
-        if not values:
-            raise RuntimeError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if max(values) > 1.5 >= t:  # t / 1000 (FLUX), or simply a late timestep such as 1: the closer one wins
-            scaled = t * 1000.0
-            if min(abs(v - scaled) for v in values) < min(abs(v - t) for v in values):
-                return scaled
-        return t
-
-    def progress(self, t: float) -> float:
-        values = self._distinct()
-        return min((abs(v - t), i) for i, v in enumerate(values))[1] / len(values)
-
-    def noise(self, t: float) -> float:
-        return min(max(1.0 - t / self.train_steps, 0.0), 1.0)
-
-    def __call__(self, timestep) -> float:
-        t = self.timestep(timestep)
-        return self.progress(t) if self.axis == AXIS_PROGRESS else self.noise(t)
 
 
 class _FusedWeight:
@@ -149,63 +102,119 @@ class _Track:
         return self.sources[bisect.bisect_right(self.starts, p) - 1]
 
 
-class ReplayHandle:
-    """What `attach` returns: the installed schedule; `detach()` gives the pipeline back as it was."""
+def resolve_layers(pipe, scheduled: fileformat.ScheduledFile) -> dict[str, torch.nn.Module]:
+    """Every scheduled module of `pipe`, checked against its factors' shapes before anything is changed."""
+    layers = {}
+    for name, record in scheduled.modules.items():
+        try:
+            layer = get_module(pipe, name)
+        except AttributeError:
+            raise LoraschedError(f"{scheduled.path}: does not fit this pipeline (it has no module {name})") from None
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        down = scheduled.tensors[f"{record['key']}.lora_down.weight"]
+        up = scheduled.tensors[f"{record['key']}.lora_up.weight"]
+        if weight is None or weight.ndim != down.ndim or up.shape[0] != weight.shape[0] or \
+                down.shape[1:] != weight.shape[1:]:
+            shape = None if weight is None else tuple(weight.shape)
+            raise LoraschedError(f"{scheduled.path}: does not fit this pipeline ({name} has weight shape {shape}, "
+                                 f"the file's factors make {(up.shape[0], *down.shape[1:])})")
+        layers[name] = layer
+    return layers
 
-    def __init__(self, pipe, scheduled: fileformat.ScheduledFile, schedule: Schedule, mode: str) -> None:
-        self.pipe, self.file, self.schedule, self.mode = pipe, scheduled, schedule, mode
-        self.previous_adapters = list(pipe.get_active_adapters()) if hasattr(pipe, "get_active_adapters") else []
+
+class ReplayHandle:
+    """What `attach` returns: the installed schedule. `detach()` (or leaving a `with attach(...)` block) gives the
+    pipeline back as it was, removing only what `attach` added."""
+
+    def __init__(self, pipe, scheduled: fileformat.ScheduledFile, mode: str) -> None:
+        self.pipe, self.file, self.schedule, self.mode = pipe, scheduled, scheduled.schedule, mode
+        layers = resolve_layers(pipe, scheduled)
         self._fused: list[_FusedWeight] = []
-        if mode == "fused":
-            factors = source_factors(scheduled)
-        else:
-            self._load_adapters(scheduled)
-        prefix = denoiser_name(pipe) + "."
+        self._loaded: list[str] = []
+        self._hook = None
         self.tracks: list[_Track] = []
-        for name, phases in schedule.layers.items():
-            component, _, path = name.partition(".")
-            layer = getattr(pipe, component).get_submodule(path)
-            switching = name.startswith(prefix) and len(phases) > 1
-            if mode == "fused":
-                fused = _FusedWeight(layer, factors[name], keep_on_device=switching)
-                self._fused.append(fused)
-                write = fused.write
-            else:
-                write = partial(_set_active_adapter, layer)
-            if switching:
-                self.tracks.append(_Track(write, phases))
-            else:
-                write(phases[0][1])
+        factors = source_factors(scheduled)
+        try:
+            if mode == "unfused":
+                self._load_adapters(factors)
+            self._install(layers, factors)
+        except BaseException:
+            self._undo()
+            raise
         self.change_points = sorted({start for track in self.tracks for start in track.starts[1:]})
-        self.clock = Clock(pipe.scheduler, schedule.axis)
+        self.clock = Clock(pipe.scheduler, self.schedule.axis)
         self._segment: int | None = None
         self._last_p = -1.0
         denoiser = getattr(pipe, denoiser_name(pipe))
         self._hook = denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
 
-    def _load_adapters(self, scheduled: fileformat.ScheduledFile) -> None:
+    def _install(self, layers: dict[str, torch.nn.Module], factors: dict) -> None:
+        """Write every layer's first source; keep the switching layers (denoiser, more than one phase) as tracks."""
+        prefix = denoiser_name(self.pipe) + "."
+        for name, phases in self.schedule.layers.items():
+            switching = name.startswith(prefix) and len(phases) > 1
+            if self.mode == "fused":
+                fused = _FusedWeight(layers[name], factors[name], keep_on_device=switching)
+                self._fused.append(fused)
+                write = fused.write
+            else:  # resolved again: loading the adapters wrapped the layer
+                write = partial(_set_active_adapter, get_module(self.pipe, name))
+            if switching:
+                self.tracks.append(_Track(write, phases))
+            else:
+                write(phases[0][1])
+
+    def _load_adapters(self, factors: dict) -> None:
         """One PEFT adapter per source, keyed by module name in diffusers' PEFT layout (which every pipeline
         loads, whatever the file's own key format), in the denoiser's dtype (PEFT would otherwise cast
         activations up)."""
         dtype = getattr(self.pipe, denoiser_name(self.pipe)).dtype
-        factors = source_factors(scheduled)
-        loaded = []
-        with collected_loading_messages() as messages:
-            for source in SOURCES:
-                state_dict = {}
-                for name, parts in factors.items():
-                    if source in parts:
-                        down, up = parts[source]
-                        state_dict[f"{name}.lora_A.weight"] = down.to(dtype)
-                        state_dict[f"{name}.lora_B.weight"] = up.to(dtype)
-                if state_dict:
-                    self.pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
-                    loaded.append(ADAPTERS[source])
-        problems = key_problems(messages)
-        if problems:
-            self._delete_adapters()
-            raise fileformat.FormatError(f"{scheduled.path}: does not fit this pipeline ({problems[0][:240]})")
-        self.pipe.set_adapters(self.previous_adapters + loaded)
+        active = self._user_adapters()
+        try:
+            with collected_loading_messages() as messages:
+                for source in SOURCES:
+                    state_dict = {}
+                    for name, parts in factors.items():
+                        if source in parts:
+                            down, up = parts[source]
+                            state_dict[f"{name}.lora_A.weight"] = down.to(dtype)
+                            state_dict[f"{name}.lora_B.weight"] = up.to(dtype)
+                    if state_dict:
+                        self._loaded.append(ADAPTERS[source])
+                        self.pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
+            problems = key_problems(messages)
+            if problems:
+                raise LoraschedError(f"{self.file.path}: does not fit this pipeline ({problems[0][:240]})")
+            self.pipe.set_adapters(active + self._loaded)
+        except LoraschedError:
+            raise
+        except Exception as exc:  # PEFT and diffusers raise many types for factors that do not fit
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+            raise LoraschedError(f"{self.file.path}: does not fit this pipeline ({reason})") from exc
+
+    def _user_adapters(self) -> list[str]:
+        """The adapters active now that are not ours."""
+        if not any(self.pipe.get_list_adapters().values()):
+            return []
+        return [name for name in self.pipe.get_active_adapters() if name not in ADAPTERS.values()]
+
+    def _undo(self) -> None:
+        """Give back what was changed so far: original weights, and our adapters only (the user's, loaded
+        before or after attach, stay active as they are). With no adapter left, PEFT's wrappers go too."""
+        for fused in self._fused:
+            fused.restore()
+        self._fused.clear()
+        if not self._loaded:
+            return
+        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        keep = self._user_adapters()
+        with collected_loading_messages():
+            self.pipe.delete_adapters([name for name in self._loaded if name in present])
+            if not any(self.pipe.get_list_adapters().values()):
+                self.pipe.unload_lora_weights()
+            elif keep:
+                self.pipe.set_adapters(keep)
+        self._loaded.clear()
 
     def _before_denoiser(self, module, args, kwargs):
         p = self.clock(kwargs["timestep"] if "timestep" in kwargs else args[1])
@@ -228,29 +237,33 @@ class ReplayHandle:
                 track.write(source)
                 track.current = source
 
-    def _delete_adapters(self) -> None:
-        loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
-        with collected_loading_messages():
-            self.pipe.delete_adapters([name for name in ADAPTERS.values() if name in loaded])
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
 
     def detach(self) -> None:
+        """Remove the hook and what attach added; a second call does nothing."""
+        if self._hook is None:
+            return
         self._hook.remove()
-        for fused in self._fused:
-            fused.restore()
-        self._fused.clear()
-        if self.mode == "unfused" and self.previous_adapters:
-            self._delete_adapters()
-            self.pipe.set_adapters(self.previous_adapters)
-        elif self.mode == "unfused":  # ours were the only adapters: take the PEFT wrappers out too
-            self.pipe.unload_lora_weights()
+        self._hook = None
+        self._undo()
+
+    def __enter__(self) -> ReplayHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
 
 def attach(pipe, path, mode: str = "fused") -> ReplayHandle:
-    """Load a scheduled LoRA file into `pipe` and replay its schedule on every later `pipe(...)` call."""
+    """Load a scheduled LoRA file into `pipe` and replay its schedule on every later `pipe(...)` call.
+
+    Transactional: the file is read and checked, and every module and shape resolved, before the pipeline is
+    changed; on any error the pipeline is exactly as it was and a `LoraschedError` names the file and the problem.
+    Use as `with attach(pipe, path): ...` to detach on exit.
+    """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        raise LoraschedError(f"{path}: replay mode must be one of {', '.join(MODES)}, not {mode!r}")
     scheduled = fileformat.read(path, with_tensors=True)
-    schedule = Schedule.from_json(scheduled.schedule_json)
-    if schedule.axis not in AXES:
-        raise fileformat.FormatError(f"{path}: schedule axis {schedule.axis!r} is not supported by this hook")
-    return ReplayHandle(pipe, scheduled, schedule, mode)
+    return ReplayHandle(pipe, scheduled, mode)

@@ -27,7 +27,8 @@ def describe_phases(phases, steps: int, schedule: Schedule) -> str:
     return " ".join(parts)
 
 
-def summary_lines(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
+def summary_lines(scheduled: ScheduledFile) -> list[str]:
+    schedule = scheduled.schedule
     params = dict(scheduled.params)
     steps = int(params.pop("steps", 30))
     calibration = params.pop("calibration", None)
@@ -58,7 +59,8 @@ def summary_lines(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
     return lines
 
 
-def table_lines(scheduled: ScheduledFile, schedule: Schedule, max_layers: int | None = None) -> list[str]:
+def table_lines(scheduled: ScheduledFile, max_layers: int | None = None) -> list[str]:
+    schedule = scheduled.schedule
     steps = int(scheduled.params.get("steps", 30))
     names = sorted(schedule.layers)
     width = max(len(name) for name in names)
@@ -72,7 +74,8 @@ def table_lines(scheduled: ScheduledFile, schedule: Schedule, max_layers: int | 
     return lines
 
 
-def decided_layers(scheduled: ScheduledFile, schedule: Schedule) -> list[str]:
+def decided_layers(scheduled: ScheduledFile) -> list[str]:
+    schedule = scheduled.schedule
     """The denoiser layers a rule decides: those with calibration votes or recorded scores; for a rule without
     either (direct), every layer outside the text encoders that carries both LoRAs."""
     if schedule.agreement is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import dataclass
 
 from .lora import BOTH, STYLE, SUBJECT, LoraPair
@@ -23,6 +24,7 @@ Phase = tuple[float, str]
 AXIS_PROGRESS = "progress"
 AXIS_NOISE = "noise"
 AXES = (AXIS_PROGRESS, AXIS_NOISE)
+SOURCE_CHOICES = (SUBJECT, STYLE, BOTH)
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,44 @@ class Schedule:
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
-        data = json.loads(text)
-        agreement = data.get("agreement")
-        return cls(
-            layers={name: tuple((float(s), str(src)) for s, src in phases) for name, phases in data["layers"].items()},
-            axis=data["axis"],
-            agreement=None if agreement is None else {name: tuple(a) for name, a in agreement.items()},
-            bins=None if agreement is None else tuple(data["bins"]),
-        )
+        return cls.from_data(json.loads(text))
+
+    @classmethod
+    def from_data(cls, data: dict) -> "Schedule":
+        """A schedule from its JSON form; a ValueError names the first thing that breaks the format."""
+        axis, layers = data.get("axis"), data.get("layers")
+        if axis not in AXES:
+            raise ValueError(f"has axis {axis!r}, not one of {', '.join(AXES)}")
+        if not isinstance(layers, dict) or not layers:
+            raise ValueError("lists no layers")
+        parsed = {name: _phases(name, phases) for name, phases in layers.items()}
+        agreement, bins = data.get("agreement"), data.get("bins")
+        if agreement is None:
+            return cls(layers=parsed, axis=axis)
+        if not (isinstance(bins, list) and bins and all(_number(b) for b in bins) and
+                isinstance(agreement, dict) and all(isinstance(a, list) and all(_number(x) for x in a)
+                                                    for a in agreement.values())):
+            raise ValueError("has agreement without numeric bins and per-layer shares")
+        for name, phases in parsed.items():
+            if any(start not in bins for start, _ in phases) or len(agreement.get(name, ())) not in (0, len(bins)):
+                raise ValueError(f"has phases or agreement for {name} that do not fall on its bins")
+        return cls(layers=parsed, axis=axis, agreement={name: tuple(a) for name, a in agreement.items()},
+                   bins=tuple(bins))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _phases(name: str, phases) -> tuple[Phase, ...]:
+    """One layer's phases, checked: [[start, source], …], starts rising from 0 within [0, 1]."""
+    if not isinstance(phases, list) or not phases or not all(
+            isinstance(p, list) and len(p) == 2 and _number(p[0]) and p[1] in SOURCE_CHOICES for p in phases):
+        raise ValueError(f"has phases {str(phases)[:80]} for {name}, not [[start, subject|style|both], …]")
+    starts = [float(start) for start, _ in phases]
+    if starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] > 1.0:
+        raise ValueError(f"has phase starts {starts} for {name}, not rising from 0 within [0, 1]")
+    return tuple((start, source) for start, (_, source) in zip(starts, phases))
 
 
 def constant(source: str) -> tuple[Phase, ...]:

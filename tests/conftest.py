@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from demo import random_kohya_lora, tiny_sd_pipeline
+from lorasched.demo import random_kohya_lora, tiny_sd_pipeline
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "loras"

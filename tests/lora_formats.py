@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 
+from lorasched.merge.names import SgmLayout
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -65,54 +67,16 @@ def kohya_lora(peft: dict[str, torch.Tensor], alpha: float | None) -> dict[str, 
     return tensors
 
 
-SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-              "conv_shortcut": "skip_connection"}
-SGM_MIDDLE = {("resnets", "0"): "0", ("attentions", "0"): "1", ("resnets", "1"): "2"}
-
-
-def sgm_unet_path(path: str, layers_per_block: int, up_attention: list[bool]) -> str:
-    """A diffusers UNet module path in the SGM/LDM (openaimodel) tree kohya sd-scripts trains SDXL on.
-
-    Written from the LDM layout, not by inverting diffusers' `_maybe_map_sgm_blocks_to_diffusers`, so that a read
-    test checks diffusers' mapping instead of agreeing with it by construction. `input_blocks` start with conv_in,
-    then per level `layers_per_block` (resnet[, attention]) and a downsampler `op`; `output_blocks` hold
-    `layers_per_block + 1` (resnet[, attention]) per level, the upsampler after them at index 2 (1 without
-    attention); `middle_block` is resnet, attention, resnet. `up_attention[level]`: that up level has attention.
-    """
-    per_level = layers_per_block + 1
-    parts = path.split(".")
-    if parts[0] == "mid_block":
-        block, rest = ["middle_block", SGM_MIDDLE[parts[1], parts[2]]], parts[3:]
-    elif parts[0] == "down_blocks" and parts[2] == "downsamplers":
-        return f"input_blocks.{(int(parts[1]) + 1) * per_level}.0.op"
-    elif parts[0] == "down_blocks":
-        level, index = int(parts[1]), int(parts[3])
-        inner = "1" if parts[2] == "attentions" else "0"
-        block, rest = ["input_blocks", str(1 + level * per_level + index), inner], parts[4:]
-    elif parts[0] == "up_blocks" and parts[2] == "upsamplers":
-        level = int(parts[1])
-        return f"output_blocks.{level * per_level + layers_per_block}.{2 if up_attention[level] else 1}.conv"
-    elif parts[0] == "up_blocks":
-        level, index = int(parts[1]), int(parts[3])
-        inner = "1" if parts[2] == "attentions" else "0"
-        block, rest = ["output_blocks", str(level * per_level + index), inner], parts[4:]
-    else:
-        raise ValueError(f"{path}: no SGM name written for it here")
-    if "resnets" in parts[:3]:  # LDM names a resnet's layers by position in its Sequentials
-        rest = [SGM_RESNET.get(rest[0], rest[0])] + rest[1:]
-    return ".".join(block + rest)
-
-
 def sgm_kohya_lora(peft: dict[str, torch.Tensor], alpha: float, unet_config) -> dict[str, torch.Tensor]:
     """kohya sd-scripts SDXL layout: SGM block names (`lora_unet_input_blocks_4_1_…`), and `lora_te1_`/`lora_te2_`
     text-encoder names with the `text_model_` sd-scripts writes for both CLIPs."""
-    up_attention = ["CrossAttn" in kind for kind in unet_config.up_block_types]
+    layout = SgmLayout.of(unet_config)
     tensors = {}
     for key, tensor in peft.items():
         component, _, rest = key.partition(".")
         module, factor, _ = rest.rsplit(".", 2)
         if component == "unet":
-            stem = "lora_unet_" + sgm_unet_path(module, unet_config.layers_per_block, up_attention)
+            stem = "lora_unet_" + layout.path(module)
         else:
             stem = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
             stem += module if module.startswith("text_model.") else "text_model." + module

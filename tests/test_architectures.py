@@ -6,16 +6,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from calibration.online import OnlineRule
-from lora_formats import DEFAULT_TARGETS, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora, sgm_unet_path
-from merge import fileformat, rules
-from merge.convert import merge, read_pair
-from merge.errors import LoraschedError
-from merge.lora import STYLE, SUBJECT, denoiser_name
-from merge.quiet import collected_loading_messages
-from merge.replay import MODES, Clock, attach
-from merge.schedule import Schedule
-from tiny import ARCHITECTURES, generate
+from lorasched.calibration.online import OnlineRule
+from lora_formats import DEFAULT_TARGETS, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora
+from lorasched.merge import fileformat, rules
+from lorasched.convert import merge
+from lorasched.merge.lora_io import read_pair
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import STYLE, SUBJECT, denoiser_name
+from lorasched.merge.names import SgmLayout, get_module
+from lorasched.merge.quiet import collected_loading_messages
+from lorasched.merge.clock import Clock
+from lorasched.merge.replay import MODES, attach
+from lorasched.merge.schedule import Schedule
+from lorasched.tiny import ARCHITECTURES, generate
 
 KLORA = rules.RuleOptions(pattern="s*")
 STEPS = 7
@@ -112,20 +115,25 @@ def test_klora_replay_equals_online(world, mode):
         handle.detach()
         assert (replayed - online).abs().max().item() < 1e-4, path.name
     assert (online - base).abs().max().item() > 1e-3
-    switching = [n for n, phases in Schedule.from_json(fileformat.read(path).schedule_json).layers.items()
+    switching = [n for n, phases in fileformat.read(path).schedule.layers.items()
                  if len(phases) > 1]
     assert switching, "a schedule without switches would make the equality vacuous"
 
 
-def test_selection_covers_every_both_adapted_linear(world):
-    architecture, pair, _ = world
-    both = pair.both_adapted
-    kinds = {name.rsplit(".", 1)[-1] for name in both}
-    expected = {"sdxl": {"to_q", "to_k", "to_v", "conv1", "proj_out", "conv"},
-                "flux": {"to_q", "to_k", "to_v", "add_q_proj", "0", "proj"},
-                "sd3": {"to_q", "to_k", "to_v", "0", "add_q_proj", "to_add_out"}}[architecture]
-    assert expected <= kinds
-    assert all(pair.is_denoiser(name) for name in both)
+def test_the_rule_decides_every_module_both_loras_adapt_and_only_those(world):
+    """K-LoRA scores (and so switches) exactly the denoiser modules both files adapt, linears and convs alike;
+    every other module stays static on the LoRA that adapts it."""
+    architecture, pair, files = world
+    scheduled = fileformat.read(next(iter(files.values())))
+    decided = {name for name, record in scheduled.modules.items() if "scores" in record}
+    both = {name for name in set(pair.subject.modules) & set(pair.style.modules) if pair.is_denoiser(name)}
+    assert decided == both and both
+    if architecture == "sdxl":
+        assert any(name.endswith(("conv1", "conv")) for name in decided), "LoCon convs are decided too"
+    for name, phases in scheduled.schedule.layers.items():
+        if name not in both:
+            assert len(phases) == 1, name
+    assert any(len(scheduled.schedule.layers[name]) > 1 for name in both)
 
 
 @pytest.mark.parametrize("tensor_format", ["kohya", "diffusers"])
@@ -137,14 +145,13 @@ def test_plain_load_gives_the_static_mix(world, tensor_format):
                              files["diffusers"].parent / "k.safetensors")), "klora", KLORA, tensor_format="kohya")
         return
     path = files[tensor_format]
-    schedule = Schedule.from_json(fileformat.read(path).schedule_json)
+    schedule = fileformat.read(path).schedule
     pipe = fresh(architecture)
     with collected_loading_messages() as messages:
         pipe.load_lora_weights(str(path), adapter_name="plain")
     assert [m for m in messages if "key" in m.lower() and "No LoRA keys associated" not in m] == []
     for name in pair.module_names:
-        component, _, module_path = name.partition(".")
-        loaded = getattr(pipe, component).get_submodule(module_path).get_delta_weight("plain")
+        loaded = get_module(pipe, name).get_delta_weight("plain")
         expected = torch.zeros_like(loaded)
         for source, weight in zip((SUBJECT, STYLE), schedule.static_weights(name)):
             if name in pair.source(source).modules:
@@ -183,7 +190,7 @@ def test_modules_one_lora_adapts_stay_static_at_weight_one(world):
     assert len(ranks) > 1
     for path in files.values():
         scheduled = fileformat.read(path)
-        schedule = Schedule.from_json(scheduled.schedule_json)
+        schedule = scheduled.schedule
         for name, source in alone.items():
             assert schedule.layers[name] == ((0.0, source),), name
             assert schedule.static_weights(name) == ((1.0, 0.0) if source == SUBJECT else (0.0, 1.0)), name
@@ -233,9 +240,9 @@ def test_sgm_kohya_names_read_as_their_diffusers_named_twin(tmp_path):
     ("up_blocks.2.resnets.2.conv1", "output_blocks.8.0.in_layers.2"),
 ])
 def test_sgm_names_match_the_real_sdxl_checkpoint(module, sgm):
-    """The test helper's SGM names for SDXL base 1.0's UNet (2 layers per block, attention in the two lower up
-    levels) are the module names of the real `sd_xl_base_1.0` checkpoint, which kohya sd-scripts LoRAs use."""
-    assert sgm_unet_path(module, 2, [True, True, False]) == sgm
+    """The SGM names the exporter writes for SDXL base 1.0's UNet (2 layers per block, attention in the two lower
+    up levels) are the module names of the real `sd_xl_base_1.0` checkpoint, which kohya sd-scripts LoRAs use."""
+    assert SgmLayout(2, (True, True, False)).path(module) == sgm
 
 
 @pytest.mark.parametrize("architecture", ["sdxl", "flux", "sd3"])

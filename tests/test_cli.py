@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli import main
+from lorasched.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,11 +4,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merge import fileformat, rules
-from merge.convert import merge, read_pair
-from merge.lora import STYLE, SUBJECT
-from merge.quiet import collected_loading_messages
-from merge.schedule import Schedule
+from lorasched.merge import fileformat, rules
+from lorasched.convert import merge
+from lorasched.merge.lora_io import read_pair
+from lorasched.merge.lora import STYLE, SUBJECT
+from lorasched.merge.names import get_module
+from lorasched.merge.quiet import collected_loading_messages
+from lorasched.merge.schedule import Schedule
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +60,11 @@ def test_plain_load_applies_the_static_mix_without_key_warnings(exported, tiny_b
     noisy = [m for m in messages if "key" in m.lower() and "No LoRA keys associated" not in m]
     assert noisy == []
     scheduled = fileformat.read(exported)
-    schedule = Schedule.from_json(scheduled.schedule_json)
+    schedule = scheduled.schedule
     pair = read_pair(str(tiny_base), *map(str, kohya_pair))
     checked = 0
     for name in pair.module_names:
-        component, _, path = name.partition(".")
-        layer = getattr(pipe, component).get_submodule(path)
+        layer = get_module(pipe, name)
         loaded = layer.get_delta_weight("plain").double()
         c_subject, c_style = schedule.static_weights(name)
         expected = torch.zeros_like(loaded)
@@ -82,9 +83,9 @@ def test_mixed_per_module_alphas_are_read_as_each_module_means(tiny_base, tmp_pa
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from demo import random_kohya_lora
-    from merge.base import load_skeleton
-    from merge.lora_io import open_lora, read_lora
+    from lorasched.demo import random_kohya_lora
+    from lorasched.merge.base import load_skeleton
+    from lorasched.merge.lora_io import open_lora, read_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
     tensors = random_kohya_lora(pipe, 4, 2.0, seed=5)

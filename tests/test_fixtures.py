@@ -7,14 +7,14 @@ from safetensors.torch import save_file
 
 from conftest import FIXTURES
 from lora_formats import peft_lora
-from merge import fileformat, rules
-from merge.anatomy import describe, inspect_lora
-from merge.base import load_skeleton
-from merge.convert import merge
-from merge.errors import LoraschedError
-from merge.lora_io import open_lora, read_lora
-from merge.schedule import Schedule
-from tiny import save_sd_configs
+from lorasched.merge import fileformat, rules
+from lorasched.merge.anatomy import describe, inspect_lora
+from lorasched.merge.base import load_skeleton
+from lorasched.convert import merge
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora_io import open_lora, read_lora
+from lorasched.merge.schedule import Schedule
+from lorasched.tiny import save_sd_configs
 
 # file -> (format inspect reports, architecture, what merging does: None = reads, else the refusal it names)
 EXPECTED = {
@@ -98,7 +98,7 @@ def test_real_pairs_merge_and_load_back_as_the_static_mix(bases, tmp_path, base_
     result = merge(base, str(subject_path), str(style_path), str(out), "klora", rules.RuleOptions(), steps=20,
                    allow_pickle=True)
     assert result.both_adapted > 0
-    schedule = Schedule.from_json(fileformat.read(out).schedule_json)
+    schedule = fileformat.read(out).schedule
     skeleton = load_skeleton(base)
     sources = {
         "subject": read_lora(open_lora(subject_path, allow_pickle=True), skeleton, "subject"),

@@ -6,13 +6,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from cli import main
+from lorasched.cli import main
 from lora_formats import (DEFAULT_TARGETS, attn_procs_lora, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora,
                           targets_of, xlabs_flux_lora)
-from merge.base import load_skeleton
-from merge.errors import LoraschedError
-from merge.lora_io import open_lora, read_lora
-from tiny import ARCHITECTURES
+from lorasched.merge.base import load_skeleton
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora_io import open_lora, read_lora
+from lorasched.tiny import ARCHITECTURES
 
 CONVS = ("conv1", "conv2", "downsamplers.0.conv")
 

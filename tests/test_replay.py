@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from calibration.online import OnlineRule
+from lorasched.calibration.online import OnlineRule
 from conftest import generate
-from merge import rules
-from merge.convert import merge, read_pair
-from merge.fileformat import FormatError
-from merge.replay import ADAPTERS, MODES, attach
+from lorasched.merge import rules
+from lorasched.convert import merge
+from lorasched.merge.lora_io import read_pair
+from lorasched.merge.fileformat import FormatError
+from lorasched.merge.replay import ADAPTERS, MODES, attach
 
 MERGE_STEPS = 10
 CASES = {
@@ -49,10 +50,10 @@ def test_replay_equals_online_rule(merged, pipe64, case, steps, mode):
 def test_schedules_really_switch(merged):
     """Guard against a vacuous equality: the K-LoRA file must change layers during denoising."""
     _, files = merged
-    from merge.fileformat import read
-    from merge.schedule import Schedule
+    from lorasched.merge.fileformat import read
+    from lorasched.merge.schedule import Schedule
 
-    schedule = Schedule.from_json(read(files["klora-s"][0]).schedule_json)
+    schedule = read(files["klora-s"][0]).schedule
     switching = [name for name, phases in schedule.layers.items() if len(phases) > 1]
     assert 5 < len(switching) < len(schedule.layers)
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from merge.lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair
-from merge.rules import est, klora
-from merge.rules.ramp import Ramp
-from merge.rules.switch import SwitchRule, trimmed_mean_gamma
+from lorasched.merge.lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair
+from lorasched.merge.rules import est, klora
+from lorasched.merge.rules.ramp import Ramp
+from lorasched.merge.rules.switch import SwitchRule, trimmed_mean_gamma
 
 
 def lora(down, up, scale=1.0) -> LoraModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import LoraschedError
@@ -31,6 +32,10 @@ def validate(method: str, options: RuleOptions) -> None:
         raise LoraschedError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if method == "klora" and options.pattern not in klora.PATTERNS:
         raise LoraschedError(f"unknown K-LoRA pattern {options.pattern!r} (choose from {', '.join(klora.PATTERNS)})")
+    for name in ("alpha", "beta", "temperature"):
+        value = getattr(options, name)
+        if value is not None and not math.isfinite(value):
+            raise LoraschedError(f"--{name} {value}: must be a finite number")
     if method == "feature-kl" and not options.temperature > 0:
         raise LoraschedError(f"--temperature {options.temperature}: must be positive")
 

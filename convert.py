@@ -1,21 +1,20 @@
-"""The one-shot job: two LoRA files and a base -> one scheduled LoRA file. The CLI is a thin shell around it."""
+"""The one-shot jobs, the top floor above `merge` and `calibration`: two LoRA files and a base -> one scheduled
+LoRA file (`merge`), and a written file checked against its online rule (`verify_file`). The CLI is a thin shell
+around them."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from calibration.probes import DEFAULT_EMBEDDER
-
-from . import export, rules
-from .base import load_skeleton
-from .errors import LoraschedError
-from .lora import STYLE, SUBJECT, LoraPair, denoiser_name
-from .lora_io import open_lora, read_lora
-from .schedule import Schedule, from_rule
+from .calibration.probes import DEFAULT_EMBEDDER
+from .merge import export, fileformat, rules
+from .merge.checks import check_paths, check_size, check_steps, pick_device
+from .merge.errors import LoraschedError
+from .merge.lora_io import read_pair, read_tensors
+from .merge.schedule import Schedule, from_rule
 
 
 @dataclass(frozen=True)
@@ -24,44 +23,6 @@ class MergeResult:
     schedule: Schedule
     params: dict
     both_adapted: int
-
-
-def check_paths(subject: str, style: str, output: str) -> None:
-    out = Path(output)
-    for given in (subject, style):
-        if Path(given).exists() and out.exists() and os.path.samefile(given, out):
-            raise LoraschedError(f"{output}: output path is one of the inputs")
-        if Path(given).resolve() == out.resolve():
-            raise LoraschedError(f"{output}: output path is one of the inputs")
-    if not out.parent.resolve().is_dir():
-        raise LoraschedError(f"{output}: folder {out.parent} does not exist")
-    if out.suffix != ".safetensors":
-        raise LoraschedError(f"{output}: output must be a .safetensors file")
-
-
-def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -> LoraPair:
-    """Both LoRAs checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
-    raw_subject, raw_style = open_lora(subject, allow_pickle), open_lora(style, allow_pickle)
-    skeleton = load_skeleton(base, torch.promote_types(raw_subject.dtype, raw_style.dtype))
-    pair = LoraPair(
-        subject=read_lora(raw_subject, skeleton, SUBJECT),
-        style=read_lora(raw_style, skeleton, STYLE),
-        denoiser=denoiser_name(skeleton),
-        pipeline_class=type(skeleton).__name__,
-        single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
-    )
-    if not pair.both_adapted:
-        raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
-    return pair
-
-
-def pick_device(device: str = "auto") -> str:
-    """`cuda` when asked for or, with `auto`, when present; else `cpu`."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LoraschedError("--device cuda: no CUDA device is available")
-    return device
 
 
 @dataclass(frozen=True)
@@ -85,28 +46,6 @@ class Calibration:
         if self.min_run < 1:
             raise LoraschedError(f"--min-run {self.min_run}: need at least 1 bin")
         check_size(self.size)
-
-
-def check_steps(steps: int) -> None:
-    if steps < 1:
-        raise LoraschedError(f"--steps {steps}: need at least one denoising step")
-
-
-def check_size(size: int | None) -> None:
-    """A requested image size the VAE can take (None: the pipeline's own)."""
-    if size is not None and (size < 8 or size % 8):
-        raise LoraschedError(f"--resolution {size}: must be a positive multiple of 8")
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """`0,1,2,3` -> (0, 1, 2, 3)."""
-    try:
-        seeds = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise LoraschedError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2,3") from None
-    if not seeds or min(seeds) < 0:
-        raise LoraschedError(f"--seeds {text!r}: give one or more non-negative integers, e.g. 0,1,2,3")
-    return seeds
 
 
 def merge(
@@ -140,8 +79,8 @@ def merge(
     device = pick_device(device)
     needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None)
     if needs_runs:
-        from calibration.pipeline import default_size, load_pipeline
-        from calibration.prompts import read_prompts, trigger_prompts
+        from .calibration.pipeline import default_size, load_pipeline
+        from .calibration.prompts import read_prompts, trigger_prompts
 
         prompts = tuple(read_prompts(calibration.prompts) or trigger_prompts(pair))
         pipe = load_pipeline(base, device)
@@ -152,7 +91,7 @@ def merge(
     else:
         probe = None
         if method == "est" and options.beta is None:
-            from calibration.probes import probe_beta
+            from .calibration.probes import probe_beta
 
             probe = probe_beta(pipe, pair, prompts[0], calibration.embedder, steps, calibration.guidance, size)
             options = replace(options, beta=probe["beta"])
@@ -169,9 +108,9 @@ def merge(
 
 def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar) -> tuple[Schedule, dict]:
     """feature-kl: calibration runs (resumed from the log when it has them), then the consensus schedule."""
-    from calibration.aggregate import aggregate
-    from calibration.runner import Settings, calibrate
-    from merge.rules.feature_kl import FeatureKLRule
+    from .calibration.aggregate import aggregate
+    from .calibration.runner import Settings, calibrate
+    from .merge.rules.feature_kl import FeatureKLRule
 
     settings = Settings(
         method="feature-kl",
@@ -211,3 +150,42 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
         },
     }
     return schedule, params
+
+
+def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,
+                     mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
+                     bar=None) -> dict:
+    """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder."""
+    from .calibration.pipeline import default_size, load_pipeline
+    from .calibration.prompts import read_prompts
+    from .calibration.verify import verify, write_report
+
+    read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
+    scheduled = fileformat.read(path)
+    steps = steps or int(scheduled.params.get("steps", 30))
+    check_steps(steps)
+    check_size(size)
+    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
+        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
+    prompts = read_prompts(tuple(prompts))
+    if not prompts:
+        raise LoraschedError(f"{path}: verify needs at least one held-out prompt (--prompts)")
+    pair = None
+    if sources is not None:
+        if None in sources:
+            raise LoraschedError(f"{path}: give both --subject and --style, or neither")
+        pair = read_pair(base, *sources)
+        for lora, role in ((pair.subject, "subject"), (pair.style, "style")):
+            if lora.sha256 != scheduled.sources[role]["sha256"]:
+                raise LoraschedError(f"{lora.path}: is not the {role} LoRA this file was made from (sha256 differs)")
+    pipe = load_pipeline(base, pick_device(device))
+    size = size or default_size(pipe)
+    progress = bar(2 * len(prompts) * len(seeds)) if bar else None
+    try:
+        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, pair, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if report_dir is not None:
+        write_report(result, scheduled, report_dir)
+    return result
