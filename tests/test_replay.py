@@ -133,3 +133,91 @@ def test_fused_replay_keeps_bf16_weights_free_of_drift(merged, tiny_base):
     assert all(torch.equal(v, after_many[k]) for k, v in pipe.unet.state_dict().items())
     handle.detach()
     assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def _edited(path, tmp_path, edit) -> str:
+    """A copy of `path` whose lorasched metadata went through `edit(modules, schedule)` (tensors untouched, so the
+    tensor hash still matches: only the schema and the pipeline check can catch it)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    modules, schedule = json.loads(metadata["lorasched.modules"]), json.loads(metadata["lorasched.schedule"])
+    edit(modules, schedule)
+    metadata["lorasched.modules"], metadata["lorasched.schedule"] = json.dumps(modules), json.dumps(schedule)
+    out = tmp_path / "edited.safetensors"
+    save_file(load_file(str(path)), out, metadata=metadata)
+    return str(out)
+
+
+def _rename_last(new_name):
+    def edit(modules, schedule):
+        last = sorted(modules)[-1]
+        modules[new_name] = modules.pop(last)
+        schedule["layers"][new_name] = schedule["layers"].pop(last)
+    return edit
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("new_name,problem", [("unet.down_blocks.7.attentions.0.proj_in", "has no module"),
+                                              ("unet.conv_in", "weight shape")])
+def test_attach_on_a_file_that_does_not_fit_changes_nothing(merged, pipe64, kohya_pair, tmp_path, mode, new_name,
+                                                             problem):
+    """The misfit is the last module: every module before it was resolved (and, before attach became
+    transactional, written) first. The user's own adapter stays loaded and active."""
+    from lorasched import LoraschedError
+
+    pipe64.load_lora_weights(str(kohya_pair[0]), adapter_name="mine")
+    before, adapters = _state(pipe64), pipe64.get_list_adapters()
+    bad = _edited(merged[1]["klora-s"][0], tmp_path, _rename_last(new_name))
+    with pytest.raises(LoraschedError, match=problem) as error:
+        attach(pipe64, bad, mode=mode)
+    assert "edited.safetensors" in str(error.value) and new_name in str(error.value)
+    after = _state(pipe64)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert pipe64.get_list_adapters() == adapters and pipe64.get_active_adapters() == ["mine"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_attach_restores_the_pipeline_on_exit(merged, pipe64, mode):
+    before, plain = _state(pipe64), generate(pipe64, 5)
+    with attach(pipe64, merged[1]["klora-s"][0], mode=mode) as handle:
+        assert handle.attached
+        replayed = generate(pipe64, 5)
+    assert not handle.attached and (replayed - plain).abs().max() > 1e-3
+    after = _state(pipe64)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(generate(pipe64, 5), plain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_detach_keeps_an_adapter_the_user_loaded_after_attach(merged, pipe64, kohya_pair, mode):
+    handle = attach(pipe64, merged[1]["klora-s"][0], mode=mode)
+    pipe64.load_lora_weights(str(kohya_pair[1]), adapter_name="mine")
+    pipe64.set_adapters(["mine"])
+    handle.detach()
+    handle.detach()  # idempotent
+    assert {name for names in pipe64.get_list_adapters().values() for name in names} == {"mine"}
+    assert pipe64.get_active_adapters() == ["mine"]
+    with_mine = generate(pipe64, 5)
+    pipe64.delete_adapters(["mine"])
+    assert (with_mine - generate(pipe64, 5)).abs().max() > 1e-3, "the user's adapter still acts"
+
+
+def test_attach_refuses_a_schedule_that_uses_a_source_the_file_lacks(merged, pipe64, tmp_path):
+    def edit(modules, schedule):
+        name = next(n for n, record in modules.items() if 0 in record["ranks"])
+        missing = "subject" if modules[name]["ranks"][0] == 0 else "style"
+        schedule["layers"][name] = [[0.0, missing]]
+
+    from lorasched import LoraschedError
+
+    with pytest.raises(LoraschedError, match="whose factors it does not carry"):
+        attach(pipe64, _edited(merged[1]["klora-s"][0], tmp_path, edit))
