@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraschedError
-from .lora_io import ADAPTER_METADATA, PEFT_WRAPPER_PREFIX, check_lora_tensors, read_tensors
+from .lora_io import ADAPTER_METADATA, PEFT_WRAPPER_PREFIX, check_lora_tensors, describe_riders, read_tensors, riders
 
 # Per-module factor suffixes of each layout, longest first: the rest of a key is the module's stem.
 # XLabs' `qkv_lora1`/`qkv_lora2` (image/text stream) are two modules: only the generic `.down.weight` is cut off them.
@@ -153,18 +153,20 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> Anatomy:
         refusal = None
     except LoraschedError as exc:
         refusal = str(exc).removeprefix(f"{path}: ")
-    stems = {stem(k) for k in tensors}
+    extra = riders(tensors)
+    stems = {stem(k) for k in tensors if k not in extra}
     ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(DOWN_SUFFIXES) and t.dim() >= 2)
     parts = Counter(next((part for prefix, part in TEXT_ENCODER_PARTS if s.startswith(prefix)), None) for s in stems)
     parts.pop(None, None)
     return Anatomy(
         path=str(path),
-        layout=layout(sorted(tensors)),
+        layout=layout(sorted(set(tensors) - set(extra))) + (f", plus {describe_riders(extra)}" if extra else ""),
         architecture=architecture(tensors, metadata),
         modules=len(stems),
         ranks=ranks,
         alphas=_alphas(tensors, metadata),
-        dtypes=Counter(str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if not k.endswith(".alpha")),
+        dtypes=Counter(str(t.dtype).removeprefix("torch.") for k, t in tensors.items()
+                       if not k.endswith(".alpha") and k not in extra),
         text_encoder_parts=dict(parts),
         metadata=metadata,
         refusal=refusal,

@@ -136,6 +136,7 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
     try:
         with safe_open(os.fspath(path), "pt") as handle:
             metadata = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (OSError, SafetensorError) as exc:
         raise FormatError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     version = metadata.get(KEY_VERSION)
@@ -144,6 +145,8 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
     if version != FORMAT_VERSION:
         raise FormatError(f"{path}: lorasched format {version} is not supported (need {FORMAT_VERSION})")
     check = _Checker(path, metadata)
+    if metadata.get(KEY_TENSOR_FORMAT, TENSOR_FORMATS[0]) not in TENSOR_FORMATS:
+        check.fail(KEY_TENSOR_FORMAT, f"is {metadata[KEY_TENSOR_FORMAT]!r}, not one of {', '.join(TENSOR_FORMATS)}")
     method = check.method()
     scheduled = ScheduledFile(
         path=os.fspath(path),
@@ -155,14 +158,22 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
         schedule=check.schedule(),
     )
     check.consistent(scheduled)
+    if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
+        shapes = {_hook_name(key): shape for key, shape in shapes.items()}
+    check.shapes(scheduled.modules, shapes)
     if not with_tensors:
         return scheduled
-    tensors = load_file(os.fspath(path))
+    try:
+        tensors = load_file(os.fspath(path))
+    except (OSError, SafetensorError) as exc:
+        raise FormatError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     if tensor_sha256(tensors) != metadata.get(KEY_TENSOR_HASH):
         raise FormatError(f"{path}: tensor hash does not match the schedule (weights changed after export)")
     if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
         tensors = {_hook_name(key): tensor for key, tensor in tensors.items()}
-    check.tensors(scheduled.modules, tensors)
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise FormatError(f"{path}: tensor {key} is not finite floating point")
     return replace(scheduled, tensors=tensors)
 
 
@@ -266,12 +277,12 @@ class _Checker:
                     if not ranks[part]:
                         self.fail(KEY_SCHEDULE, f"makes {name} use the {part} LoRA, whose factors it does not carry")
 
-    def tensors(self, modules: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+    def shapes(self, modules: dict[str, dict], shapes: dict[str, tuple[int, ...]]) -> None:
+        """Each module's factors exist, as matrices (or conv kernels) of the recorded total rank."""
         for name, record in modules.items():
             key, rank = record["key"], sum(record["ranks"])
-            down, up = tensors.get(f"{key}.lora_down.weight"), tensors.get(f"{key}.lora_up.weight")
+            down, up = shapes.get(f"{key}.lora_down.weight"), shapes.get(f"{key}.lora_up.weight")
             if down is None or up is None:
                 raise FormatError(f"{self.path}: no factors for {name} (tensors {key}.lora_down/up.weight)")
-            if down.ndim < 2 or up.ndim < 2 or down.shape[0] != rank or up.shape[1] != rank:
-                raise FormatError(f"{self.path}: factors of {name} have shapes {tuple(down.shape)} and "
-                                  f"{tuple(up.shape)}, not rank {rank}")
+            if len(down) < 2 or len(up) < 2 or down[0] != rank or up[1] != rank:
+                raise FormatError(f"{self.path}: factors of {name} have shapes {down} and {up}, not rank {rank}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,10 @@ UNSUPPORTED_MARKERS = {
 }
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "_lora.down", "_lora.up", ".lora.down", ".lora.up",
                 "_lora1.down", "_lora2.down")  # the last two: XLabs FLUX (`processor.qkv_lora1.down.weight`)
-FOREIGN_LAYOUTS = (  # (test on the key list, what to tell the user): formats no loader maps onto module names
+# Tensors that ride along in some LoRA files without being LoRA factors: textual-inversion embeddings saved by
+# pivotal tuning (cloneofsimo `<s1>`, kohya `bundle_emb.<token>.…`). Layouts are recognised without them.
+RIDER = re.compile(r"^<[^>]+>$|^bundle_emb\.")
+FOREIGN_LAYOUTS = (  # (test on the LoRA keys, what to tell the user): formats no loader maps onto module names
     (lambda keys: all(k.count(":") == 2 and k.endswith((":up", ":down")) for k in keys),
      "cloneofsimo lora_diffusion format (`<part>:<index>:up/down` keys index a module list, no module names); "
      "convert it with lora_diffusion's own tools first"),
@@ -95,18 +99,38 @@ def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> No
     """Refuse what is not a plain LoRA before diffusers sees it: empty, unsupported families, non-finite values."""
     if not tensors:
         raise LoraschedError(f"{path}: holds no tensors")
+    extra = riders(tensors)
+    keys = [key for key in tensors if key not in extra]
+    besides = f" (besides {describe_riders(extra)})" if extra else ""
     for marker, family in UNSUPPORTED_MARKERS.items():
-        if any(marker in key for key in tensors):
+        if any(marker in key for key in keys):
             raise LoraschedError(f"{path}: {family} weights are not supported (plain LoRA only)")
     for matches, problem in FOREIGN_LAYOUTS:
-        if matches(list(tensors)):
-            doubled = ", doubled `lora_unet_unet_` prefix" if any(k.startswith("lora_unet_unet_") for k in tensors) else ""
-            raise LoraschedError(f"{path}: {problem.format(doubled=doubled)}")
-    if not any(marker in key for key in tensors for marker in LORA_MARKERS):
-        raise LoraschedError(f"{path}: holds no LoRA factors (is it a full checkpoint rather than a LoRA?)")
-    for key, tensor in tensors.items():
+        if keys and matches(keys):
+            doubled = ", doubled `lora_unet_unet_` prefix" if any(k.startswith("lora_unet_unet_") for k in keys) else ""
+            raise LoraschedError(f"{path}: {problem.format(doubled=doubled)}{besides}")
+    if not any(marker in key for key in keys for marker in LORA_MARKERS):
+        raise LoraschedError(f"{path}: holds no LoRA factors{besides} (is it a full checkpoint rather than a LoRA?)")
+    for key in keys:
+        tensor = tensors[key]
+        if key.endswith(".alpha"):
+            if tensor.numel() != 1:
+                raise LoraschedError(f"{path}: alpha {key} has {tensor.numel()} values, not one number")
+        elif not tensor.is_floating_point() or tensor.ndim < 2:
+            raise LoraschedError(f"{path}: tensor {key} is not a floating-point factor matrix "
+                                 f"({str(tensor.dtype).removeprefix('torch.')}, shape {tuple(tensor.shape)})")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoraschedError(f"{path}: tensor {key} holds NaN or infinite values")
+
+
+def riders(tensors) -> list[str]:
+    """Keys of tensors that ride along in a LoRA file without being LoRA factors (textual-inversion embeddings)."""
+    return sorted(key for key in tensors if RIDER.match(key))
+
+
+def describe_riders(keys: list[str]) -> str:
+    shown = ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "")
+    return f"{len(keys)} textual-inversion embedding tensor{'s' if len(keys) > 1 else ''}: {shown}"
 
 
 def fold_kohya_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,7 +205,8 @@ def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
     """Read and check a LoRA file: every problem found here is a one-line `LoraschedError`."""
     tensors, metadata = read_tensors(path, allow_pickle)
     check_lora_tensors(path, tensors)
-    return RawLora(Path(path), tensors, metadata)
+    extra = riders(tensors)  # embeddings need a tokenizer, not a LoRA loader: not merged
+    return RawLora(Path(path), {k: v for k, v in tensors.items() if k not in extra}, metadata)
 
 
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' own key: the LoraConfig a PEFT-format file was saved with

@@ -111,10 +111,23 @@ def test_real_process_prints_exactly_one_line_on_bad_input(tiny_base, kohya_pair
     """No library noise or traceback reaches the terminal of a user who gave a bad file."""
     out = tmp_path / "out.safetensors"
     args = merge_args(tiny_base, bad_files["other-base"], kohya_pair[1], out)
-    proc = subprocess.run(
-        [sys.executable, "-c", "import cli; cli.main()", *map(str, args)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = subprocess.run([sys.executable, "-m", "lorasched", *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and not out.exists()
+
+
+def test_the_installed_name_is_lorasched_even_beside_a_users_merge_py(tmp_path):
+    """Only `lorasched` is imported by name: a user's own `merge.py` (or `cli.py`) cannot shadow our modules, and
+    importing the package changes no environment variable."""
+    (tmp_path / "merge.py").write_text("raise SystemExit('the user module was imported')\n")
+    (tmp_path / "cli.py").write_text("raise SystemExit('the user module was imported')\n")
+    code = ("import os; before = dict(os.environ); import lorasched; from lorasched import attach, LoraschedError; "
+            "import lorasched.cli, lorasched.convert; assert dict(os.environ) == before; print(attach.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "lorasched.merge.replay"
+    script = Path(sys.executable).with_name("lorasched")
+    shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert shown.returncode == 0 and "merge" in shown.stdout and "inspect" in shown.stdout

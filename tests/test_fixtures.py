@@ -113,3 +113,34 @@ def test_real_pairs_merge_and_load_back_as_the_static_mix(bases, tmp_path, base_
             if name in sources[role].modules
         )
         assert torch.allclose(merged.modules[name].delta(), expected, rtol=2e-2, atol=1e-6), name
+
+
+def test_a_pivotal_tuning_file_is_told_by_its_lora_keys_and_its_embeddings_named(tmp_path):
+    """cloneofsimo's pivotal-tuning script saves textual-inversion embeddings (`<s1>`, `<s2>`) beside the
+    `text_encoder:0:down`-style LoRA keys: still its layout (not "unknown", not "no LoRA factors"), extras named."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(FIXTURES / "cloneofsimo+lora+analog_svd_rank4.safetensors"))
+    tensors |= {"<s1>": torch.randn(768), "<s2>": torch.randn(768)}
+    path = tmp_path / "pivotal.safetensors"
+    save_file(tensors, path)
+    anatomy = inspect_lora(path)
+    assert anatomy.layout.startswith("cloneofsimo lora_diffusion")
+    assert "2 textual-inversion embedding tensors: <s1>, <s2>" in anatomy.layout
+    assert anatomy.refusal.startswith("cloneofsimo lora_diffusion format") and "<s1>, <s2>" in anatomy.refusal
+    with pytest.raises(LoraschedError, match=r"cloneofsimo lora_diffusion format.*besides 2 textual-inversion"):
+        open_lora(path)
+
+
+def test_embeddings_riding_along_a_kohya_lora_are_left_out_of_the_merge(tiny_base, kohya_pair, tmp_path):
+    """A kohya file with bundled embeddings (`bundle_emb.<token>.string_to_param.*`) merges as its LoRA part."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(kohya_pair[0])) | {"bundle_emb.sks.string_to_param.*": torch.randn(1, 32)}
+    path = tmp_path / "bundled.safetensors"
+    save_file(tensors, path)
+    assert "1 textual-inversion embedding tensor: bundle_emb.sks" in inspect_lora(path).layout
+    assert "bundle_emb.sks.string_to_param.*" not in open_lora(path).tensors
+    out = tmp_path / "out.safetensors"
+    merge(str(tiny_base), str(path), str(kohya_pair[1]), str(out))
+    assert fileformat.read(out).modules
