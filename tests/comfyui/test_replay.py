@@ -1,0 +1,81 @@
+"""The node replays the schedule exactly: ComfyUI's own sampling with the node equals the same ComfyUI model with
+every step's weights set by hand from the file (reference.py), for K-LoRA `s` and `s*`, feature-kl (noise axis),
+a second-order and an ancestral second-order sampler, at the file's step count and another, on SD1.x and FLUX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KLORA_STEPS
+from lorasched.merge import fileformat
+from reference import reference_sample, sample, step_times
+from worlds import flux_conditioning, sd_conditioning
+
+TOLERANCE = 1e-4  # float32 latents
+
+
+def _noise(seed: int, shape=(1, 4, 8, 8)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _switching_steps(path, times: list[float]) -> int:
+    """How many steps of this run start with a different set of sources than the step before."""
+    schedule = fileformat.read(path).schedule
+    states = [tuple(schedule.active(name, time) for name in schedule.layers) for time in times]
+    return sum(a != b for a, b in zip(states, states[1:]))
+
+
+def _check(out: torch.Tensor, reference: torch.Tensor, base: torch.Tensor, label: str) -> None:
+    gap = (out - reference).abs().max().item()
+    print(f"{label}: max |node - reference| = {gap:.1e} (|latent| up to {out.abs().max().item():.0f}, "
+          f"|node - base| up to {(out - base).abs().max().item():.0f})")
+    assert gap <= TOLERANCE
+    assert (out - base).abs().max().item() > 100 * TOLERANCE  # the file changes the output: the check has teeth
+
+
+@pytest.mark.parametrize("steps", [KLORA_STEPS, 5])
+@pytest.mark.parametrize("name", ["klora-s", "klora-s*"])
+def test_klora_replays_exactly(sd, sd_model, apply, name, steps):
+    path = sd.files[name]
+    assert _switching_steps(path, step_times(sd_model(), "progress", steps)) > 0
+    noise, conds = _noise(0), sd_conditioning(0)
+    (model, _) = apply(sd_model(), path)
+    out = sample(model, noise, conds, steps, "euler", cfg=5.0)
+    reference = reference_sample(sd_model(), path, noise, conds, steps, "euler", cfg=5.0)
+    _check(out, reference, sample(sd_model(), noise, conds, steps, "euler", cfg=5.0), f"{name} euler {steps}")
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
+def test_second_order_samplers_use_one_time_per_step(sd, sd_model, apply, sampler):
+    """Heun's corrector at S[n+1], and dpmpp_2s_ancestral's midpoint (S[n+1] itself at eta = 1), belong to step n."""
+    path, steps = sd.files["klora-s*"], 6
+    noise, conds = _noise(1), sd_conditioning(1)
+    (model, _) = apply(sd_model(), path)
+    out = sample(model, noise, conds, steps, sampler, cfg=5.0, seed=3)
+    reference = reference_sample(sd_model(), path, noise, conds, steps, sampler, cfg=5.0, seed=3)
+    _check(out, reference, sample(sd_model(), noise, conds, steps, sampler, cfg=5.0, seed=3), f"{sampler} {steps}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_feature_kl_replays_on_the_noise_axis(sd, sd_model, apply, seed):
+    path, steps = sd.files["feature-kl"], 6
+    assert fileformat.read(path).schedule.axis == "noise"
+    assert _switching_steps(path, step_times(sd_model(), "noise", steps)) > 0
+    noise, conds = _noise(seed), sd_conditioning(seed)
+    (model, _) = apply(sd_model(), path)
+    out = sample(model, noise, conds, steps, "euler", cfg=5.0)
+    reference = reference_sample(sd_model(), path, noise, conds, steps, "euler", cfg=5.0, axis="noise")
+    _check(out, reference, sample(sd_model(), noise, conds, steps, "euler", cfg=5.0), f"feature-kl seed {seed}")
+
+
+@pytest.mark.parametrize("steps", [KLORA_STEPS, 5])
+def test_flux_klora_replays_exactly(flux, flux_model, apply, steps):
+    path = flux.files["klora-s*"]
+    assert fileformat.read(path).metadata[fileformat.KEY_TENSOR_FORMAT] == "diffusers"
+    assert _switching_steps(path, step_times(flux_model(), "progress", steps)) > 0
+    noise, conds = _noise(2), flux_conditioning(2)
+    (model, _) = apply(flux_model(), path)
+    out = sample(model, noise, conds, steps, "euler", cfg=1.0, scheduler="simple")
+    reference = reference_sample(flux_model(), path, noise, conds, steps, "euler", cfg=1.0, scheduler="simple")
+    base = sample(flux_model(), noise, conds, steps, "euler", cfg=1.0, scheduler="simple")
+    _check(out, reference, base, f"flux klora-s* euler {steps}")
