@@ -132,7 +132,8 @@ def apply(pack, loras_folder):
     """Apply the node as a workflow does: the file sits in a loras folder and is picked by name."""
 
     def load(model, path: Path, clip=None, strength_model: float = 1.0, strength_clip: float = 0.0):
-        shutil.copy(path, loras_folder / path.name)
+        if path.parent != loras_folder:
+            shutil.copy(path, loras_folder / path.name)
         assert path.name in folder_paths.get_filename_list("loras")
         return pack.node().load(model, clip, path.name, strength_model, strength_clip)
 

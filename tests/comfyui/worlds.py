@@ -66,6 +66,8 @@ def comfy_clip(text_encoder) -> comfy.sd.CLIP:
     state_dict["text_model.embeddings.token_embedding.weight"] = torch.cat(
         [embedding, embedding.new_zeros(CLIP_VOCAB - embedding.shape[0], embedding.shape[1])])
     config = text_encoder.config
+    # SD1's CLIP has no projection; ComfyUI's model has one (unused for SD1): identity, not uninitialised memory
+    state_dict["text_projection.weight"] = torch.eye(config.hidden_size)
     sizes = {name: getattr(config, name) for name in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_hidden_layers", "projection_dim", "hidden_act")}
     # ComfyUI reads a detected CLIP's size overrides from model_options["model_config"]
