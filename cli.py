@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 import torch
-from tqdm import tqdm
-
 from lorasched.calibration.probes import DEFAULT_EMBEDDER
 from lorasched.merge import rules
 from lorasched.merge.errors import LoraschedError
+from tqdm import tqdm
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -124,8 +123,7 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
     if png_path:
         from lorasched.merge.heatmap import draw_schedule
 
-        draw_schedule(scheduled.schedule, report.decided_layers(scheduled), int(scheduled.params.get("steps", 30)),
-                      png_path)
+        draw_schedule(scheduled, report.decided_layers(scheduled), int(scheduled.params.get("steps", 30)), png_path)
         click.echo(f"wrote {png_path}")
 
 
@@ -150,7 +148,6 @@ def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device
            subject, style) -> None:
     """Run the online rule and the replay side by side on held-out prompts/seeds and report how they differ."""
     from lorasched.convert import verify_file
-    from lorasched.merge import report
     from lorasched.merge.checks import parse_seeds
 
     result = verify_file(
@@ -158,10 +155,10 @@ def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device
         sources=(subject, style) if subject or style else None,
         bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),
     )
-    for line in report.verify_lines(result):
+    for line in result.lines():
         click.echo(line)
-    if result["agreement"] < min_agreement:
-        click.echo(f"error: {path}: agreement {result['agreement']:.2%} is below --min-agreement "
+    if result.agreement < min_agreement:
+        click.echo(f"error: {path}: agreement {result.agreement:.2%} is below --min-agreement "
                    f"{min_agreement:.2%}", err=True)
         sys.exit(1)
 

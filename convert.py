@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .calibration.probes import DEFAULT_EMBEDDER
+from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
 from .merge.checks import check_paths, check_size, check_steps, pick_device
 from .merge.errors import LoraschedError
@@ -153,12 +154,11 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
 
 
 def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,
-                     mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
-                     bar=None) -> dict:
+                mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
+                bar=None) -> VerifyResult:
     """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder."""
     from .calibration.pipeline import default_size, load_pipeline
     from .calibration.prompts import read_prompts
-    from .calibration.verify import verify, write_report
 
     read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
     scheduled = fileformat.read(path)

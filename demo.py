@@ -41,7 +41,6 @@ def replay(base: str, path: str) -> None:
     """Replay the file and check it against the online rule it was made from, at two step counts."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
-
     from transformers.utils import logging as transformers_logging
 
     from .calibration.online import OnlineRule

@@ -1,8 +1,9 @@
 """Tiny random-weight pipelines of every supported architecture, built in code (seeded, no downloads).
 
-SD1.x, SDXL (two CLIP encoders, `text_embeds`/`time_ids` conditioning), FLUX.1 (`FluxTransformer2DModel`) and SD3 (`SD3Transformer2DModel`). FLUX and SD3 get no
-tokenizers: they are driven with precomputed prompt embeddings (`transformer_inputs`), which is all a test of
-the denoiser needs. `ARCHITECTURES` maps each name to its builder.
+SD1.x, SDXL (two CLIP encoders, `text_embeds`/`time_ids` conditioning), FLUX.1 (`FluxTransformer2DModel`) and
+SD3 (`SD3Transformer2DModel`), plus random kohya LoRAs for them. FLUX and SD3 get no tokenizers: they are driven
+with precomputed prompt embeddings (`prompt_inputs`), which is all a test of the denoiser needs. The tests, the
+demo and the benchmarks all build from here; `ARCHITECTURES` maps each name to its builder.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def random_kohya_lora(
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
     text_encoder: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A kohya-format LoRA over UNet linears whose names end with `targets` (and the CLIP attention projections if asked),
-    each module with its own random magnitude so that selection rules have something to choose between.
+    """A kohya-format LoRA over UNet linears whose names end with `targets` (and the CLIP attention projections if
+    asked), each module with its own random magnitude so that selection rules have something to choose between.
     Text-encoder keys use kohya's `lora_te_text_model_…` names whatever the transformers version calls the module."""
     generator = torch.Generator().manual_seed(seed)
     parts = [("lora_unet_", pipe.unet, targets)]
@@ -161,7 +162,8 @@ def tiny_sdxl_pipeline(seed: int = 0):
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
         unet=unet, vae=_vae(4), text_encoder=_clip(), text_encoder_2=_clip(with_projection=True),
-        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), scheduler=scheduler, force_zeros_for_empty_prompt=False,
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), scheduler=scheduler,
+        force_zeros_for_empty_prompt=False,
     )
 
 

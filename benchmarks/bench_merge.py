@@ -22,7 +22,6 @@ from safetensors.torch import save_file  # noqa: E402
 
 from benchmarks.sdxl_like import lora_targets, random_kohya, save_base_configs, unet_config  # noqa: E402
 
-
 # Runs a command in this interpreter and prints its own peak RSS (MiB) to stderr as it exits.
 MEASURED = (
     "import atexit, resource, sys; "

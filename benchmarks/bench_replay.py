@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +20,6 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-
-from benchmarks.sdxl_like import build_unet, lora_targets, random_kohya  # noqa: E402
 from lorasched.calibration.online import OnlineRule  # noqa: E402
 from lorasched.merge import rules  # noqa: E402
 from lorasched.merge.export import export  # noqa: E402
@@ -33,15 +30,16 @@ from lorasched.merge.rules.feature_kl import FeatureKLRule  # noqa: E402
 from lorasched.merge.rules.klora import topk_abs_sum  # noqa: E402
 from lorasched.merge.schedule import from_rule  # noqa: E402
 
+from benchmarks.sdxl_like import build_unet, lora_targets, random_kohya  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def tiny_sdxl_pipeline(unet):
     """The SDXL pipeline class around the benchmark UNet; text encoders and VAE are tiny (never run here)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     from lorasched.tiny import tiny_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
     return StableDiffusionXLPipeline(

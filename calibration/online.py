@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 from lorasched.merge.clock import Clock
 from lorasched.merge.lora import BOTH, SOURCES, STYLE, SUBJECT, LoraModule, LoraPair
 from lorasched.merge.names import get_module

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from lorasched.merge.base import resolve_base
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.quiet import collected_loading_messages
@@ -27,7 +26,7 @@ def load_pipeline(base: str, device: str, dtype: torch.dtype | None = None):
         with collected_loading_messages():
             config = DiffusionPipeline.load_config(root)
             dtype = dtype or run_dtype(device, config["_class_name"])
-            pipe = DiffusionPipeline.from_pretrained(root, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(root, dtype=dtype)
     except LoraschedError:
         raise
     except Exception as exc:  # missing weights, no network: one line for the user

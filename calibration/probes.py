@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import STYLE, SUBJECT, LoraPair
 from lorasched.merge.rules.direct import DirectRule

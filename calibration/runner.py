@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import LoraPair
 from lorasched.merge.rules.feature_kl import FeatureKLRule, balance

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
 from lorasched.merge import fileformat, rules
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import SOURCES, LoraFile, LoraModule, LoraPair, denoiser_name
@@ -95,9 +94,49 @@ class Generation:
         return final["latents"].float().cpu(), images.float().cpu(), time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class VerifyResult:
+    """What `verify` measured: decision agreement (overall, per layer, per step, per cell), how far the replayed
+    outputs drift from the online ones, and the time per image of each."""
+
+    file: str
+    method: str
+    mode: str
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    layers: list[str]
+    agreement: float
+    agreement_per_layer: dict[str, float]
+    agreement_per_step: list[float]
+    agreement_grid: list[list[float]]  # layers × steps
+    latent_max_abs_diff: float
+    latent_mean_abs_diff: float
+    psnr_db_min: float
+    psnr_db_mean: float
+    seconds_per_image_online: float
+    seconds_per_image_replay: float
+
+    def lines(self) -> list[str]:
+        """What `lorasched verify` prints: agreement, deviation, timing, and the least agreeing layers."""
+        worst = sorted(self.agreement_per_layer.items(), key=lambda item: item[1])[:3]
+        speed = self.seconds_per_image_online / self.seconds_per_image_replay
+        return [
+            f"file        {self.file} ({self.method}, replay mode {self.mode})",
+            f"runs        {len(self.prompts)} prompt(s) × seeds {self.seeds}, {self.steps} steps",
+            f"agreement   {self.agreement:.2%} of (layer, step) decisions",
+            "per step    " + " ".join(f"{share:.0%}" for share in self.agreement_per_step),
+            "worst       " + ", ".join(f"{name} {share:.0%}" for name, share in worst),
+            f"deviation   latents max |Δ| {self.latent_max_abs_diff:.3g}, mean |Δ| {self.latent_mean_abs_diff:.3g};"
+            f" image PSNR min {self.psnr_db_min:.1f} dB, mean {self.psnr_db_mean:.1f} dB",
+            f"time        online {self.seconds_per_image_online:.2f} s/image, replay "
+            f"{self.seconds_per_image_replay:.2f} s/image ({speed:.2f}× faster)",
+        ]
+
+
 def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
-           mode: str = "unfused", pair: LoraPair | None = None, bar=None) -> dict:
-    """The report as a dict (see module docstring); `bar` is advanced once per generated image.
+           mode: str = "unfused", pair: LoraPair | None = None, bar=None) -> VerifyResult:
+    """Online rule and replay side by side (see module docstring); `bar` is advanced once per generated image.
 
     `pair`: the source LoRAs, needed for feature rules where the file dropped a LoRA's factors on layers that
     never use it (weight-only rules decide from recorded scores and need only the file).
@@ -142,36 +181,35 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
     latent_diff = torch.stack([(a[0] - b[0]).abs().max() for a, b in zip(online_out, replayed)])
     latent_mean = torch.stack([(a[0] - b[0]).abs().mean() for a, b in zip(online_out, replayed)])
     image_psnr = [psnr(a[1], b[1]) for a, b in zip(online_out, replayed)]
-    return {
-        "file": str(path),
-        "method": scheduled.method,
-        "mode": mode,
-        "prompts": prompts,
-        "seeds": seeds,
-        "steps": steps,
-        "layers": layers,
-        "agreement": tally.fraction,
-        "agreement_per_layer": {name: a / n for name, (a, n) in sorted(tally.layers.items())},
-        "agreement_per_step": [tally.steps[i][0] / tally.steps[i][1] for i in sorted(tally.steps)],
-        "agreement_grid": [[tally.cells[layer, i][0] / tally.cells[layer, i][1] for i in sorted(tally.steps)]
-                           for layer in layers],
-        "latent_max_abs_diff": float(latent_diff.max()),
-        "latent_mean_abs_diff": float(latent_mean.mean()),
-        "psnr_db_min": min(image_psnr),
-        "psnr_db_mean": sum(image_psnr) / len(image_psnr),
-        "seconds_per_image_online": sum(online_time) / len(online_time),
-        "seconds_per_image_replay": sum(replay_time) / len(replay_time),
-    }
+    return VerifyResult(
+        file=str(path),
+        method=scheduled.method,
+        mode=mode,
+        prompts=list(prompts),
+        seeds=list(seeds),
+        steps=steps,
+        layers=layers,
+        agreement=tally.fraction,
+        agreement_per_layer={name: a / n for name, (a, n) in sorted(tally.layers.items())},
+        agreement_per_step=[tally.steps[i][0] / tally.steps[i][1] for i in sorted(tally.steps)],
+        agreement_grid=[[tally.cells[layer, i][0] / tally.cells[layer, i][1] for i in sorted(tally.steps)]
+                        for layer in layers],
+        latent_max_abs_diff=float(latent_diff.max()),
+        latent_mean_abs_diff=float(latent_mean.mean()),
+        psnr_db_min=min(image_psnr),
+        psnr_db_mean=sum(image_psnr) / len(image_psnr),
+        seconds_per_image_online=sum(online_time) / len(online_time),
+        seconds_per_image_replay=sum(replay_time) / len(replay_time),
+    )
 
 
-def write_report(result: dict, scheduled: fileformat.ScheduledFile, folder) -> None:
+def write_report(result: VerifyResult, scheduled: fileformat.ScheduledFile, folder) -> None:
     """report.json (the numbers, inf PSNR as null), schedule.png and agreement.png (layers × steps)."""
     from lorasched.merge.heatmap import draw_agreement, draw_schedule
 
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
-    finite = {k: (v if not (isinstance(v, float) and math.isinf(v)) else None) for k, v in result.items()}
-    (folder / "report.json").write_text(json.dumps(finite, indent=1) + "\n")
-    schedule = scheduled.schedule
-    draw_schedule(schedule, result["layers"], result["steps"], folder / "schedule.png")
-    draw_agreement(result["agreement_grid"], folder / "agreement.png")
+    numbers = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(result).items()}
+    (folder / "report.json").write_text(json.dumps(numbers, indent=1) + "\n")
+    draw_schedule(scheduled, result.layers, result.steps, folder / "schedule.png")
+    draw_agreement(scheduled, result.agreement_grid, result.layers, result.steps, folder / "agreement.png")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from . import fileformat
 from .errors import LoraschedError
 from .lora import SOURCES, LoraPair

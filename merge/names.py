@@ -84,7 +84,8 @@ class SgmLayout:
             block, rest = ["input_blocks", str(1 + int(parts[1]) * per_level + int(parts[3])), inner], parts[4:]
         elif parts[0] == "up_blocks" and parts[2] == "upsamplers":
             level = int(parts[1])
-            return f"output_blocks.{level * per_level + self.layers_per_block}.{2 if self.up_attention[level] else 1}.conv"
+            index = 2 if self.up_attention[level] else 1
+            return f"output_blocks.{level * per_level + self.layers_per_block}.{index}.conv"
         elif parts[0] == "up_blocks":
             inner = "1" if parts[2] == "attentions" else "0"
             block, rest = ["output_blocks", str(int(parts[1]) * per_level + int(parts[3])), inner], parts[4:]

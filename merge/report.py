@@ -85,22 +85,3 @@ def decided_layers(scheduled: ScheduledFile) -> list[str]:
         name for name, record in scheduled.modules.items()
         if all(record["ranks"]) and not name.startswith("text_encoder")
     )
-
-
-def verify_lines(result: dict) -> list[str]:
-    """What `lorasched verify` prints: agreement, deviation, timing, and the least agreeing layers."""
-    worst = sorted(result["agreement_per_layer"].items(), key=lambda item: item[1])[:3]
-    per_step = " ".join(f"{share:.0%}" for share in result["agreement_per_step"])
-    speed = result["seconds_per_image_online"] / result["seconds_per_image_replay"]
-    return [
-        f"file        {result['file']} ({result['method']}, replay mode {result['mode']})",
-        f"runs        {len(result['prompts'])} prompt(s) × seeds {result['seeds']}, {result['steps']} steps",
-        f"agreement   {result['agreement']:.2%} of (layer, step) decisions",
-        f"per step    {per_step}",
-        "worst       " + ", ".join(f"{name} {share:.0%}" for name, share in worst),
-        f"deviation   latents max |Δ| {result['latent_max_abs_diff']:.3g}, "
-        f"mean |Δ| {result['latent_mean_abs_diff']:.3g};"
-        f" image PSNR min {result['psnr_db_min']:.1f} dB, mean {result['psnr_db_mean']:.1f} dB",
-        f"time        online {result['seconds_per_image_online']:.2f} s/image, replay "
-        f"{result['seconds_per_image_replay']:.2f} s/image ({speed:.2f}× faster)",
-    ]

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from lorasched.demo import random_kohya_lora, tiny_sd_pipeline
+from safetensors.torch import save_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "loras"
+# Tests of the real files in ../shared skip in a plain clone without it; CI sets LORASCHED_REQUIRE_SHARED=1 so that
+# there they run (and fail, never skip, if ../shared went missing).
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir() and not os.environ.get("LORASCHED_REQUIRE_SHARED"),
+    reason=f"{SHARED} is absent (a plain clone): the real fixture files are not here",
+)
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core host oversubscribed threads make a
 # tiny SDXL step ~60x slower (measured: 2.5 s vs 0.04 s per UNet call).
@@ -48,7 +54,7 @@ def pipe64(tiny_base):
     """A fresh float64 pipeline, so replay-vs-online differences show logic, not float32 rounding."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, torch_dtype=torch.float64)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.float64)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

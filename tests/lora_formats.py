@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
-
 from lorasched.merge.names import SgmLayout
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -3,22 +3,20 @@ and both export formats load with plain `load_lora_weights` as the same static m
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from lorasched.calibration.online import OnlineRule
 from lora_formats import DEFAULT_TARGETS, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora
-from lorasched.merge import fileformat, rules
+from lorasched.calibration.online import OnlineRule
 from lorasched.convert import merge
-from lorasched.merge.lora_io import read_pair
+from lorasched.merge import fileformat, rules
+from lorasched.merge.clock import Clock
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import STYLE, SUBJECT, denoiser_name
+from lorasched.merge.lora_io import read_pair
 from lorasched.merge.names import SgmLayout, get_module
 from lorasched.merge.quiet import collected_loading_messages
-from lorasched.merge.clock import Clock
 from lorasched.merge.replay import MODES, attach
-from lorasched.merge.schedule import Schedule
 from lorasched.tiny import ARCHITECTURES, generate
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 KLORA = rules.RuleOptions(pattern="s*")
 STEPS = 7

@@ -6,18 +6,18 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-
 from lorasched.calibration.aggregate import aggregate, suppress_short_runs
 from lorasched.calibration.pipeline import load_pipeline
 from lorasched.calibration.runner import Log, Settings, calibrate, read_log
 from lorasched.calibration.verify import verify
 from lorasched.cli import main
 from lorasched.merge import fileformat, rules
+from lorasched.merge.heatmap import block_of, schedule_cells, split_panels
 from lorasched.merge.lora_io import read_pair
 from lorasched.merge.replay import attach
 from lorasched.merge.rules.feature_kl import FeatureKLRule, divergences
 from lorasched.merge.schedule import AXIS_NOISE, Schedule, from_rule
+from PIL import Image
 
 SIZE = 32
 PROMPTS = ("a photo of sks dog", "a red house by the sea", "a bowl of fruit", "a portrait of an old man")
@@ -184,8 +184,8 @@ def test_verify_reports_full_agreement_and_zero_deviation_for_weight_only_rules(
                  "--method", method, "--beta", 0.3, "--steps", 6)
     assert merged.exit_code == 0, merged.output
     result = verify(pipe, out, ["a cat on a sofa"], [5], 6, 7.5, SIZE)
-    assert result["agreement"] == 1.0
-    assert result["latent_max_abs_diff"] == 0.0 and result["psnr_db_min"] == math.inf
+    assert result.agreement == 1.0
+    assert result.latent_max_abs_diff == 0.0 and result.psnr_db_min == math.inf
 
 
 def test_inspect_draws_the_schedule_heatmap(tiny_base, kohya_pair, pair, tmp_path):
@@ -194,17 +194,24 @@ def test_inspect_draws_the_schedule_heatmap(tiny_base, kohya_pair, pair, tmp_pat
                "--steps", 10).exit_code == 0
     shown = run("inspect", out, "--png", png)
     assert shown.exit_code == 0, shown.output
-    image = Image.open(png).convert("RGB")
     rule, _ = rules.build("klora", pair, rules.RuleOptions())
     schedule = from_rule(rule, pair)
     layers = sorted(pair.both_adapted)
-    width, height = image.size
-    cell_w, cell_h = max(4, 480 // 10), (height - 14) // len(layers)
-    colors = {(230, 140, 40): "subject", (60, 110, 200): "style"}
-    for row, layer in enumerate(layers):
-        for step in range(10):
-            pixel = image.getpixel((step * cell_w + 1, 14 + row * cell_h))
-            assert colors[pixel] == schedule.active(layer, step / 10)
+    expected = [[schedule.active(layer, step / 10) for step in range(10)] for layer in layers]
+    assert schedule_cells(fileformat.read(out).schedule, layers, 10) == expected
+    colors = {color for _, color in Image.open(png).convert("RGB").getcolors(1 << 20)}
+    assert {(230, 140, 40), (60, 110, 200)} <= colors, "subject and style cells are drawn in their legend colours"
+
+
+def test_pictures_group_layers_by_block_and_split_many_layers_into_panels():
+    names = [f"unet.down_blocks.{b}.attentions.0.transformer_blocks.{t}.attn1.to_q"
+             for b in range(3) for t in range(300)]
+    panels = split_panels(names)
+    assert len(panels) == 6 and sum(map(len, panels)) == 900 and max(map(len, panels)) <= 160
+    assert [name for panel in panels for name in panel] == names
+    assert block_of("unet.mid_block.attentions.0.proj_in") == ("mid_block", "attentions.0.proj_in")
+    assert block_of("unet.up_blocks.2.resnets.0.conv1") == ("up_blocks.2", "resnets.0.conv1")
+    assert block_of("transformer.single_transformer_blocks.7.proj_mlp") == ("single_transformer_blocks.7", "proj_mlp")
 
 
 def test_est_without_beta_measures_it_from_probe_images(tiny_base, kohya_pair, tmp_path):

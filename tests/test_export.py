@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from safetensors import safe_open
-
-from lorasched.merge import fileformat, rules
 from lorasched.convert import merge
-from lorasched.merge.lora_io import read_pair
+from lorasched.merge import fileformat, rules
 from lorasched.merge.lora import STYLE, SUBJECT
+from lorasched.merge.lora_io import read_pair
 from lorasched.merge.names import get_module
 from lorasched.merge.quiet import collected_loading_messages
-from lorasched.merge.schedule import Schedule
+from safetensors import safe_open
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +79,10 @@ def test_plain_load_applies_the_static_mix_without_key_warnings(exported, tiny_b
 def test_mixed_per_module_alphas_are_read_as_each_module_means(tiny_base, tmp_path):
     """kohya semantics: ΔW = alpha / r · up · down for each module, whatever the other modules' alphas."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
     from lorasched.demo import random_kohya_lora
     from lorasched.merge.base import load_skeleton
     from lorasched.merge.lora_io import open_lora, read_lora
+    from safetensors.torch import save_file
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
     tensors = random_kohya_lora(pipe, 4, 2.0, seed=5)

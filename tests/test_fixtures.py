@@ -3,18 +3,18 @@ SD1.5 or SD2.1 skeleton of real size, configs built in code), or refused with on
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from conftest import FIXTURES
+from conftest import FIXTURES, needs_shared
 from lora_formats import peft_lora
+from lorasched.convert import merge
 from lorasched.merge import fileformat, rules
 from lorasched.merge.anatomy import describe, inspect_lora
 from lorasched.merge.base import load_skeleton
-from lorasched.convert import merge
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora_io import open_lora, read_lora
-from lorasched.merge.schedule import Schedule
 from lorasched.tiny import save_sd_configs
+from safetensors.torch import save_file
+
+pytestmark = needs_shared
 
 # file -> (format inspect reports, architecture, what merging does: None = reads, else the refusal it names)
 EXPECTED = {
@@ -131,16 +131,3 @@ def test_a_pivotal_tuning_file_is_told_by_its_lora_keys_and_its_embeddings_named
     with pytest.raises(LoraschedError, match=r"cloneofsimo lora_diffusion format.*besides 2 textual-inversion"):
         open_lora(path)
 
-
-def test_embeddings_riding_along_a_kohya_lora_are_left_out_of_the_merge(tiny_base, kohya_pair, tmp_path):
-    """A kohya file with bundled embeddings (`bundle_emb.<token>.string_to_param.*`) merges as its LoRA part."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(kohya_pair[0])) | {"bundle_emb.sks.string_to_param.*": torch.randn(1, 32)}
-    path = tmp_path / "bundled.safetensors"
-    save_file(tensors, path)
-    assert "1 textual-inversion embedding tensor: bundle_emb.sks" in inspect_lora(path).layout
-    assert "bundle_emb.sks.string_to_param.*" not in open_lora(path).tensors
-    out = tmp_path / "out.safetensors"
-    merge(str(tiny_base), str(path), str(kohya_pair[1]), str(out))
-    assert fileformat.read(out).modules

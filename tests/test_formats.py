@@ -4,15 +4,25 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
-
+from lora_formats import (
+    DEFAULT_TARGETS,
+    attn_procs_lora,
+    flux_kohya_lora,
+    kohya_lora,
+    peft_lora,
+    sgm_kohya_lora,
+    targets_of,
+    xlabs_flux_lora,
+)
 from lorasched.cli import main
-from lora_formats import (DEFAULT_TARGETS, attn_procs_lora, flux_kohya_lora, kohya_lora, peft_lora, sgm_kohya_lora,
-                          targets_of, xlabs_flux_lora)
+from lorasched.convert import merge
+from lorasched.merge import fileformat
+from lorasched.merge.anatomy import inspect_lora
 from lorasched.merge.base import load_skeleton
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora_io import open_lora, read_lora
 from lorasched.tiny import ARCHITECTURES
+from safetensors.torch import save_file
 
 CONVS = ("conv1", "conv2", "downsamplers.0.conv")
 
@@ -268,3 +278,17 @@ def test_inspect_tells_flux_from_sd3_by_width_without_single_blocks(tmp_path, wi
     path = tmp_path / "double-only.safetensors"
     save_file({f"{stem}.lora_A.weight": torch.zeros(2, width), f"{stem}.lora_B.weight": torch.zeros(width, 2)}, path)
     assert inspected(path)["architecture"] == architecture
+
+
+def test_embeddings_riding_along_a_kohya_lora_are_left_out_of_the_merge(tiny_base, kohya_pair, tmp_path):
+    """A kohya file with bundled embeddings (`bundle_emb.<token>.string_to_param.*`) merges as its LoRA part."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(kohya_pair[0])) | {"bundle_emb.sks.string_to_param.*": torch.randn(1, 32)}
+    path = tmp_path / "bundled.safetensors"
+    save_file(tensors, path)
+    assert "1 textual-inversion embedding tensor: bundle_emb.sks" in inspect_lora(path).layout
+    assert "bundle_emb.sks.string_to_param.*" not in open_lora(path).tensors
+    out = tmp_path / "out.safetensors"
+    merge(str(tiny_base), str(path), str(kohya_pair[1]), str(out))
+    assert fileformat.read(out).modules

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from conftest import SHARED
+from conftest import SHARED, needs_shared
 from lora_formats import kohya_lora, peft_lora
 from lorasched.convert import merge
 from lorasched.merge import fileformat
 from lorasched.merge.base import load_skeleton
 from lorasched.merge.lora_io import open_lora, read_lora
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 BASES = SHARED / "fixtures" / "bases"
 UNET_TARGETS = ("attn2.to_k", "attn2.to_v", "attn1.to_out.0", "downsamplers.0.conv", "upsamplers.0.conv",
@@ -30,7 +29,7 @@ FLUX_TARGETS = ("attn.to_q", "attn.add_k_proj", "attn.to_add_out", "proj_mlp", "
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1")
 SUFFIXES = {"kohya": (".lora_down.weight", ".lora_up.weight"), "diffusers": (".lora_A.weight", ".lora_B.weight")}
 
-pytestmark = pytest.mark.skipif(not BASES.is_dir(), reason=f"{BASES} is absent (a plain clone without ../shared)")
+pytestmark = needs_shared
 
 
 def _clip_names(model: torch.nn.Module) -> set[str]:

@@ -13,13 +13,12 @@ import struct
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from lorasched import LoraschedError, attach
 from lorasched.cli import main
 from lorasched.convert import merge
 from lorasched.merge import fileformat
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 KEYS = ("lorasched.method", "lorasched.params", "lorasched.sources", "lorasched.schedule", "lorasched.modules")
 
@@ -88,7 +87,8 @@ def _json_edits(metadata: dict[str, str]) -> dict[str, dict[str, str]]:
                            ("ranks-strings", {"ranks": ["4", "8"]}), ("ranks-zero", {"ranks": [0, 0]}),
                            ("static-nan", {"static": [float("nan"), 0.5]}), ("static-two", {"static": [2.0, 0.5]}),
                            ("static-zero-with-rank", {"static": [0.0, record["static"][1]]}),
-                           ("no-key", {"key": None}), ("ranks-wrong", {"ranks": [record["ranks"][0] + 1, record["ranks"][1]]})):
+                           ("no-key", {"key": None}),
+                           ("ranks-wrong", {"ranks": [record["ranks"][0] + 1, record["ranks"][1]]})):
         case(f"modules-{label}", modules={**modules, name: {**record, **changed}})
     case("modules-empty", modules={})
     case("modules-not-objects", modules={name: 3})

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-
-from lorasched.calibration.online import OnlineRule
 from conftest import generate
-from lorasched.merge import rules
+from lorasched.calibration.online import OnlineRule
 from lorasched.convert import merge
-from lorasched.merge.lora_io import read_pair
+from lorasched.merge import rules
 from lorasched.merge.fileformat import FormatError
+from lorasched.merge.lora_io import read_pair
 from lorasched.merge.replay import ADAPTERS, MODES, attach
 
 MERGE_STEPS = 10
@@ -51,7 +50,6 @@ def test_schedules_really_switch(merged):
     """Guard against a vacuous equality: the K-LoRA file must change layers during denoising."""
     _, files = merged
     from lorasched.merge.fileformat import read
-    from lorasched.merge.schedule import Schedule
 
     schedule = read(files["klora-s"][0]).schedule
     switching = [name for name, phases in schedule.layers.items() if len(phases) > 1]
@@ -118,7 +116,7 @@ def test_fused_replay_keeps_bf16_weights_free_of_drift(merged, tiny_base):
     """Many switches in a low-precision pipeline: every re-merge starts from the exact original weight."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, torch_dtype=torch.bfloat16)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     handle = attach(pipe, merged[1]["klora-s*"][0])
@@ -197,6 +195,7 @@ def test_with_attach_restores_the_pipeline_on_exit(merged, pipe64, mode):
     assert torch.equal(generate(pipe64, 5), plain)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")  # a second adapter: intended
 @pytest.mark.parametrize("mode", MODES)
 def test_detach_keeps_an_adapter_the_user_loaded_after_attach(merged, pipe64, kohya_pair, mode):
     handle = attach(pipe64, merged[1]["klora-s"][0], mode=mode)

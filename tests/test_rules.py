@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from lorasched.merge.lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair
 from lorasched.merge.rules import est, klora
 from lorasched.merge.rules.ramp import Ramp
