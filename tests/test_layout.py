@@ -1,0 +1,58 @@
+"""The package's floors, read from the source: merge/ imports nothing of calibration/ or the jobs above it, and
+the online reference reads time through the clock, never through the replay hook it is the reference for."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported(path: Path) -> set[str]:
+    """Absolute `lorasched.` module names a file imports (relative imports resolved against its package)."""
+    package = ["lorasched", *path.relative_to(ROOT).parent.parts]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.startswith("lorasched")}
+
+
+def test_merge_imports_nothing_above_it():
+    for path in (ROOT / "merge").rglob("*.py"):
+        above = {n for n in imported(path) if n.startswith(("lorasched.calibration", "lorasched.convert",
+                                                             "lorasched.cli"))}
+        assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}"
+
+
+def test_calibration_imports_no_job_and_the_online_reference_not_the_hook():
+    for path in (ROOT / "calibration").glob("*.py"):
+        above = {n for n in imported(path) if n.startswith(("lorasched.convert", "lorasched.cli"))}
+        assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}"
+    online = imported(ROOT / "calibration" / "online.py")
+    assert "lorasched.merge.clock" in online and not any(n.startswith("lorasched.merge.replay") for n in online)
+
+
+def test_the_replay_hook_imports_only_torch_safetensors_and_the_standard_library():
+    """At module level, through every lorasched module it pulls in (deployers install no converter extras)."""
+    allowed = {"torch", "safetensors", "json", "hashlib", "os", "struct", "tempfile", "math", "bisect", "functools",
+               "dataclasses", "pathlib", "logging", "warnings", "contextlib", "__future__"}
+    seen, todo = set(), ["replay"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        body = ast.parse((ROOT / "merge" / f"{module}.py").read_text()).body
+        third_party = {alias.name.split(".")[0] for node in body if isinstance(node, ast.Import)
+                       for alias in node.names}
+        third_party |= {node.module.split(".")[0] for node in body
+                        if isinstance(node, ast.ImportFrom) and node.level == 0}
+        assert third_party <= allowed, (module, third_party - allowed)
+        todo += [node.module for node in body if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+        todo += [alias.name for node in body if isinstance(node, ast.ImportFrom) and node.level == 1
+                 and not node.module for alias in node.names]
+    assert "rules" not in seen and "export" not in seen and "lora_io" not in seen, seen
