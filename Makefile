@@ -2,8 +2,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The ComfyUI node's tests run the pinned ComfyUI in ../shared/vendor, which imports torchvision; the index's
+# torchvision needs the index's torch, so those tests get their own venv (see tests/comfyui/requirements.txt).
+COMFY_VENV := .venv-comfy
+COMFY_PY := $(COMFY_VENV)/bin/python
+COMFY_STAMP := $(COMFY_VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-main test-comfyui install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,13 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(COMFY_STAMP): pyproject.toml tests/comfyui/requirements.txt
+	test -x $(COMFY_PY) || $(PYTHON) -m venv $(COMFY_VENV)
+	$(COMFY_PY) -m pip install -q --upgrade pip
+	$(COMFY_PY) -m pip install -q -r tests/comfyui/requirements.txt
+	$(COMFY_PY) -m pip install -q -e '.[test]'
+	touch $(COMFY_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lorasched.demo prepare demo_work
 	$(VENV)/bin/lorasched merge --base demo_work/tiny-sd --subject demo_work/subject.safetensors \
 		--style demo_work/style.safetensors --method klora --steps 20 --output demo_work/scheduled.safetensors
-	$(VENV)/bin/lorasched inspect demo_work/scheduled.safetensors --max-layers 12
+	$(VENV)/bin/lorasched inspect demo_work/scheduled.safetensors --max-layers 12 --png demo_work/scheduled.png
 	$(PY) -m lorasched.demo replay demo_work/tiny-sd demo_work/scheduled.safetensors
 	$(VENV)/bin/lorasched merge --base demo_work/tiny-sd --subject demo_work/subject.safetensors \
 		--style demo_work/style.safetensors --method feature-kl --prompts demo_work/prompts.txt --seeds 0,1 \
@@ -27,8 +39,13 @@ demo: $(STAMP)
 		--seeds 100,101 --resolution 32 --subject demo_work/subject.safetensors --style demo_work/style.safetensors \
 		--report demo_work/report
 
-test: $(STAMP)
+test: test-main test-comfyui
+
+test-main: $(STAMP)
 	$(PY) -m pytest
+
+test-comfyui: $(COMFY_STAMP)
+	PYTHONDONTWRITEBYTECODE=1 $(COMFY_PY) -m pytest -c tests/comfyui/pytest.ini tests/comfyui
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_replay
