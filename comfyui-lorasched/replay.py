@@ -92,6 +92,12 @@ def train_timesteps(model_sampling) -> float:
                              " sampling; use a model with discrete, flow or FLUX sampling")
 
 
+def _noise_levels(sigmas: torch.Tensor, model_sampling) -> list[float]:
+    """q = 1 - t / T of each sigma, t the model's own timestep (see `train_timesteps`)."""
+    total = train_timesteps(model_sampling)
+    return [min(max(1.0 - float(t) / total, 0.0), 1.0) for t in model_sampling.timestep(sigmas).reshape(-1)]
+
+
 class Replay:
     """The clock and writer of one node's patches. ComfyUI samples one run at a time, so per-run state lives here.
 
@@ -113,7 +119,7 @@ class Replay:
         self.last: tuple[float, bool] | None = None  # the previous evaluation of this run: sigma, at a step's own?
         self._sigmas_tensor = None
         self._starts: list[float] = []  # S[0..N-1] in ascending order, for bisect
-        self._train_timesteps: dict[int, float] = {}
+        self._noise: dict[float, float] = {}  # noise axis: S[n] -> q
 
     def sampler_sample(self, executor, *args, **kwargs):
         """SAMPLER_SAMPLE wrapper: a new run; note whether its sampler looks ahead to the next step's sigma."""
@@ -125,20 +131,30 @@ class Replay:
         """PREDICT_NOISE wrapper: bring the weights to this evaluation's time, then evaluate (cond and uncond)."""
         guider = executor.class_obj
         sigma = float(timestep.reshape(-1)[0])
+        sample_sigmas = model_options["transformer_options"]["sample_sigmas"]
+        if sample_sigmas is not self._sigmas_tensor:
+            self._read_sigmas(sample_sigmas, guider.inner_model.model_sampling)
         if self.axis == "progress":
-            time = self.progress(sigma, model_options["transformer_options"]["sample_sigmas"])
+            time = self.progress(sigma)
         else:
-            time = self.noise(timestep, guider.inner_model.model_sampling)
+            time = self._noise.get(sigma)
+            if time is None:  # an in-step evaluation between the run's sigmas
+                time = _noise_levels(timestep.reshape(-1)[:1], guider.inner_model.model_sampling)[0]
         segment = bisect.bisect_right(self.change_points, time)
         if segment != self.segment:
             self.switch(guider.model_patcher, time)
             self.segment = segment
         return executor(x, timestep, model_options, seed)
 
-    def progress(self, sigma: float, sample_sigmas: torch.Tensor) -> float:
-        if sample_sigmas is not self._sigmas_tensor:
-            self._sigmas_tensor = sample_sigmas
-            self._starts = [float(s) for s in sample_sigmas[:-1]][::-1]
+    def _read_sigmas(self, sample_sigmas: torch.Tensor, model_sampling) -> None:
+        """Once per run: the steps' sigmas, and on the noise axis their noise levels (one vectorised call)."""
+        self._sigmas_tensor = sample_sigmas
+        starts = sample_sigmas[:-1]
+        self._starts = [float(s) for s in starts][::-1]
+        if self.axis == "noise":
+            self._noise = dict(zip((float(s) for s in starts), _noise_levels(starts, model_sampling)))
+
+    def progress(self, sigma: float) -> float:
         at_or_above = len(self._starts) - bisect.bisect_left(self._starts, sigma * (1 - SIGMA_TOLERANCE))
         index = max(at_or_above - 1, 0)
         own = at_or_above > 0 and self._starts[-1 - index] <= sigma * (1 + SIGMA_TOLERANCE)
@@ -148,13 +164,6 @@ class Replay:
             self.step = index
         self.last = (sigma, own)
         return self.step / len(self._starts)
-
-    def noise(self, timestep: torch.Tensor, model_sampling) -> float:
-        total = self._train_timesteps.get(id(model_sampling))
-        if total is None:
-            total = self._train_timesteps[id(model_sampling)] = train_timesteps(model_sampling)
-        t = float(model_sampling.timestep(timestep).reshape(-1)[0])
-        return min(max(1.0 - t / total, 0.0), 1.0)
 
     def switch(self, patcher, time: float) -> None:
         """Set every switching patch to its source at `time`; rewrite the weights of those that changed."""

@@ -164,25 +164,31 @@ def test_text_encoders_get_the_first_phase_through_comfyui_lora_path(sd, sd_mode
     assert all(torch.equal(value, originals[key]) for key, value in clip.cond_stage_model.state_dict().items())
 
 
-@pytest.mark.parametrize("name", ["klora-s", "klora-s*", "feature-kl"])
-def test_lora_loader_reads_every_key_as_the_static_mix(sd, sd_model, sd_clip, loras_folder, caplog, name):
-    """LoraLoader on the same file: every key loads (no "lora key not loaded"), each weight gets the file's own
-    factors (c_c·ΔW_c + c_s·ΔW_s), and sampling gives the static mix, not the schedule."""
-    path = sd.files[name]
+@pytest.mark.parametrize("world, name", [("sd", "klora-s"), ("sd", "klora-s*"), ("sd", "feature-kl"),
+                                         ("sdxl", "klora-s*"), ("flux", "klora-s*")])
+def test_lora_loader_reads_every_key_as_the_static_mix(request, loras_folder, caplog, world, name):
+    """LoraLoader on the same file: every key loads (no "lora key not loaded"), and each weight gets the file's
+    own factors, c_c·ΔW_c + c_s·ΔW_s: the static mix, not the schedule."""
+    path = getattr(request.getfixturevalue(world), "files")[name]
     (loras_folder / path.name).write_bytes(path.read_bytes())
-    model, clip = sd_model(), sd_clip()
+    model = request.getfixturevalue(f"{world}_model")()
+    clip = request.getfixturevalue("sd_clip")() if world == "sd" else None
     with caplog.at_level(logging.WARNING):
         static, _ = nodes.LoraLoader().load_lora(model, clip, path.name, 1.0, 1.0)
     assert not [r.message for r in caplog.records if "lora key not loaded" in r.message or "NOT LOADED" in r.message]
-    tensors = load_file(path)
-    down_suffix, up_suffix = ".lora_down.weight", ".lora_up.weight"  # kohya, the SD default
+    scheduled = fileformat.read(path, with_tensors=True)  # factors under `<key>.lora_down/up.weight`, any format
     key_map = comfy.lora.model_lora_keys_unet(static.model, {})
     static.patch_model()
-    for module, record in fileformat.read(path).modules.items():
-        if module.startswith("unet."):
-            key = key_map[record["key"]]
-            delta = tensors[record["key"] + up_suffix].flatten(1) @ tensors[record["key"] + down_suffix].flatten(1)
-            assert torch.equal(comfy.utils.get_attr(static.model, key), static.backup[key].weight + delta)
+    expected = {}
+    for module, record in scheduled.modules.items():
+        if module.startswith(("unet.", "transformer.")):
+            target = key_map[record["key"]]
+            key, offset = (target, None) if isinstance(target, str) else target[:2]
+            weight = expected.setdefault(key, static.backup[key].weight.clone())
+            view = weight if offset is None else weight.narrow(*offset)
+            down, up = (scheduled.tensors[f"{record['key']}.lora_{part}.weight"] for part in ("down", "up"))
+            view += (up.flatten(1) @ down.flatten(1)).reshape(view.shape)
+    assert all(torch.equal(comfy.utils.get_attr(static.model, key), weight) for key, weight in expected.items())
     static.unpatch_model()
 
 
@@ -223,19 +229,18 @@ def test_an_sd_file_on_flux_is_refused(sd, flux_model, apply):
         apply(flux_model(), sd.files["klora-s"])
 
 
-def test_the_pack_is_a_registry_node(pack):
+def test_the_pack_is_a_registry_node(node):
     """ComfyUI's own parser reads the `[tool.comfy]` table, and the node is registered under its display name."""
     from comfy_config import config_parser
 
     config = config_parser.extract_node_configuration(str(NODE_PACK))
     assert config.project.name == "comfyui-lorasched" and config.tool_comfy.display_name == "lorasched"
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["LoraschedLoadScheduledLora"] == "Load Scheduled LoRA (lorasched)"
-    inputs = pack.node.INPUT_TYPES()["required"]
-    assert list(inputs) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
-    assert pack.node.RETURN_TYPES == ("MODEL", "CLIP")
+    assert list(node.INPUT_TYPES()["required"]) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
+    assert node.RETURN_TYPES == ("MODEL", "CLIP")
 
 
-def test_example_workflows_validate_in_comfyui(pack, tmp_path, loras_folder):
+def test_example_workflows_validate_in_comfyui(node, tmp_path, loras_folder):
     """The API workflow passes ComfyUI's own prompt validation (with its model files present by name), and the UI
     workflow is the same graph: same nodes, widget values and links."""
     api = json.loads((NODE_PACK / "example_workflow_api.json").read_text())

@@ -1,15 +1,15 @@
 """The node replays the schedule exactly: ComfyUI's own sampling with the node equals the same ComfyUI model with
 every step's weights set by hand from the file (reference.py), for K-LoRA `s` and `s*`, feature-kl (noise axis),
-a second-order and an ancestral second-order sampler, at the file's step count and another, on SD1.x and FLUX."""
+a second-order and an ancestral second-order sampler, at the file's step count and another, on SD1.x, SDXL (kohya
+SGM names) and FLUX (diffusers names, fused qkv)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KLORA_STEPS
 from lorasched.merge import fileformat
 from reference import reference_sample, sample, step_times
-from worlds import flux_conditioning, sd_conditioning
+from worlds import KLORA_STEPS, flux_conditioning, sd_conditioning, sdxl_conditioning
 
 TOLERANCE = 1e-4  # float32 latents
 
@@ -66,6 +66,17 @@ def test_feature_kl_replays_on_the_noise_axis(sd, sd_model, apply, seed):
     out = sample(model, noise, conds, steps, "euler", cfg=5.0)
     reference = reference_sample(sd_model(), path, noise, conds, steps, "euler", cfg=5.0, axis="noise")
     _check(out, reference, sample(sd_model(), noise, conds, steps, "euler", cfg=5.0), f"feature-kl seed {seed}")
+
+
+def test_sdxl_klora_under_sgm_names_replays_exactly(sdxl, sdxl_model, apply):
+    path, steps = sdxl.files["klora-s*"], KLORA_STEPS
+    assert any(record["key"].startswith("lora_unet_input_blocks_") for record in fileformat.read(path).modules.values())
+    assert _switching_steps(path, step_times(sdxl_model(), "progress", steps)) > 0
+    noise, conds = _noise(6), sdxl_conditioning(6)
+    (model, _) = apply(sdxl_model(), path)
+    out = sample(model, noise, conds, steps, "euler", cfg=5.0)
+    reference = reference_sample(sdxl_model(), path, noise, conds, steps, "euler", cfg=5.0)
+    _check(out, reference, sample(sdxl_model(), noise, conds, steps, "euler", cfg=5.0), f"sdxl klora-s* euler {steps}")
 
 
 @pytest.mark.parametrize("steps", [KLORA_STEPS, 5])

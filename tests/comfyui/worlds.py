@@ -1,5 +1,6 @@
-"""Tiny worlds for the node's tests: ComfyUI models built by ComfyUI's own classes from the state dicts of lorasched's
-tiny diffusers pipelines (random weights, fixed seeds), and conditioning for them.
+"""Tiny worlds for the node's tests: lorasched files merged by lorasched from its tiny diffusers pipelines, ComfyUI
+models built by ComfyUI's own classes from those pipelines' state dicts (random weights, fixed seeds), and
+conditioning for them.
 
 ComfyUI's detection knows only real model sizes, so each builder converts the diffusers state dict with ComfyUI's
 own converter, lets ComfyUI detect the config from the converted weights, and fills in only what the weights do not
@@ -8,14 +9,24 @@ say (SD: the head count; FLUX: the widths that detection hard-codes to FLUX.1's)
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import comfy.model_detection
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import torch
+from lorasched.convert import Calibration, merge
+from lorasched.merge import rules
+from lorasched.tiny import random_kohya_lora, tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from safetensors.torch import save_file
 
 CPU = torch.device("cpu")
+KLORA_STEPS = 8  # the reference step count written into the files
+FLUX_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "proj_mlp", "proj_out", "ff.net.2")
 CLIP_VOCAB = 49408  # ComfyUI's CLIP text model always has the real vocabulary
 
 
@@ -26,22 +37,29 @@ def _patcher(model_config, state_dict: dict[str, torch.Tensor], dtype: torch.dty
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
 
 
-def comfy_sd15(unet, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
-    """ComfyUI's SD1.5 model class around a tiny diffusers UNet2DConditionModel's weights."""
+def comfy_unet(unet, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's SD1.5 model class, or SDXL's for a UNet with `text_time` conditioning, around a tiny diffusers
+    UNet2DConditionModel's weights."""
     config = unet.config
-    layout = {  # what ComfyUI's diffusers->LDM key map needs to know
-        "num_res_blocks": [config.layers_per_block] * len(config.block_out_channels),
+    blocks = len(config.block_out_channels)
+    per_block = config.transformer_layers_per_block
+    per_block = [per_block] * blocks if isinstance(per_block, int) else list(per_block)
+    depth = [layers if "CrossAttn" in kind else 0 for kind, layers in zip(config.down_block_types, per_block)]
+    layout = {  # what ComfyUI's diffusers->LDM key map needs; output depths are listed shallow first, as ComfyUI pops
+        "num_res_blocks": [config.layers_per_block] * blocks,
         "channel_mult": [width // config.block_out_channels[0] for width in config.block_out_channels],
-        "transformer_depth": [int("CrossAttn" in kind) for kind in config.down_block_types
-                              for _ in range(config.layers_per_block)],
-        "transformer_depth_output": [int("CrossAttn" in kind) for kind in config.up_block_types
-                                     for _ in range(config.layers_per_block + 1)],
-        "transformer_depth_middle": 1,
+        "transformer_depth": [d for d in depth for _ in range(config.layers_per_block)],
+        "transformer_depth_output": [d for d in depth for _ in range(config.layers_per_block + 1)],
+        "transformer_depth_middle": depth[-1],
     }
     names = comfy.utils.unet_to_diffusers(layout)
     state_dict = {names[key]: value for key, value in unet.state_dict().items()}
     unet_config = comfy.model_detection.detect_unet_config(state_dict, "")
-    unet_config["num_heads"] = config.attention_head_dim  # diffusers' SD1 `attention_head_dim` is the head count
+    heads = config.attention_head_dim  # diffusers' SD1/SDXL `attention_head_dim` is the head count
+    if config.addition_embed_type == "text_time":
+        unet_config["num_head_channels"] = config.block_out_channels[-1] // heads[-1]
+        return _patcher(comfy.supported_models.SDXL(unet_config), state_dict, dtype)
+    unet_config["num_heads"] = heads
     return _patcher(comfy.supported_models.SD15(unet_config), state_dict, dtype)
 
 
@@ -96,6 +114,17 @@ def sd_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
             [[torch.randn(1, 8, width, generator=generator), {}]])
 
 
+def sdxl_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
+    """Random context (both encoders' width) and pooled vector for the tiny SDXL UNet; ComfyUI adds the sizes."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def cond():
+        return [[torch.randn(1, 8, 2 * width, generator=generator),
+                 {"pooled_output": torch.randn(1, width, generator=generator), "width": 64, "height": 64}]]
+
+    return cond(), cond()
+
+
 def flux_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
     """Random T5-like context, pooled CLIP vector and distilled guidance for the tiny FLUX transformer."""
     generator = torch.Generator().manual_seed(seed)
@@ -105,3 +134,63 @@ def flux_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
                  {"pooled_output": torch.randn(1, width, generator=generator), "guidance": 3.5}]]
 
     return cond(), cond()
+
+
+def _merge(base: Path, pair: tuple[Path, Path], output: Path, method: str = "klora", **options) -> Path:
+    """`lorasched merge` on CPU, K-LoRA by default."""
+    calibration = options.pop("calibration", Calibration())
+    merge(str(base), *map(str, pair), str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
+          device="cpu", calibration=calibration)
+    return output
+
+
+def make_sd_world(folder: Path) -> SimpleNamespace:
+    """The tiny SD pipeline, a kohya subject/style pair with text-encoder parts (the style over other modules
+    too), and three lorasched files: K-LoRA `s`, K-LoRA `s*`, and feature-kl (calibrated, noise axis)."""
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(folder / "base")
+    pair = folder / "subject.safetensors", folder / "style.safetensors"
+    save_file(random_kohya_lora(pipe, 4, 2.0, seed=1, text_encoder=True), pair[0])
+    save_file(random_kohya_lora(pipe, 8, 3.0, seed=2, targets=("to_q", "to_k", "to_v", "ff.net.2"),
+                                text_encoder=True), pair[1])
+    calibration = Calibration(prompts=("a photo of sks dog",), seeds=(0, 1), size=32, guidance=5.0)
+    files = {
+        "klora-s": _merge(folder / "base", pair, folder / "klora_s.safetensors", pattern="s"),
+        "klora-s*": _merge(folder / "base", pair, folder / "klora_sstar.safetensors", pattern="s*"),
+        "feature-kl": _merge(folder / "base", pair, folder / "feature_kl.safetensors", "feature-kl",
+                             calibration=calibration),
+    }
+    return SimpleNamespace(pipe=pipe, pair=pair, files=files, folder=folder)
+
+
+def make_flux_world(folder: Path) -> SimpleNamespace:
+    """The tiny FLUX pipeline, a PEFT subject/style pair over every block linear, and a K-LoRA `s*` file
+    (diffusers tensor format, the default for FLUX)."""
+    pipe = tiny_flux_pipeline()
+    pipe.save_pretrained(folder / "base")
+    pair = folder / "subject.safetensors", folder / "style.safetensors"
+    save_file(peft_lora(pipe.transformer, "transformer", FLUX_TARGETS, rank=4, seed=1), pair[0])
+    save_file(peft_lora(pipe.transformer, "transformer", FLUX_TARGETS[:8], rank=6, seed=2), pair[1])
+    files = {"klora-s*": _merge(folder / "base", pair, folder / "klora_sstar.safetensors", pattern="s*")}
+    return SimpleNamespace(pipe=pipe, pair=pair, files=files, folder=folder)
+
+
+def make_sdxl_world(folder: Path) -> SimpleNamespace:
+    """lorasched's tiny SDXL pipeline with a 256-wide size embedding (ComfyUI's SDXL class embeds sizes at 256,
+    the tiny pipeline at 8), a kohya subject/style pair over the UNet, and a K-LoRA `s*` file, which lorasched
+    writes under kohya sd-scripts' SGM block names (`lora_unet_input_blocks_…`)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    pipe = tiny_sdxl_pipeline()
+    torch.manual_seed(0)
+    time_width = 256
+    unet = UNet2DConditionModel.from_config({
+        **pipe.unet.config, "addition_time_embed_dim": time_width,
+        "projection_class_embeddings_input_dim": pipe.text_encoder_2.config.projection_dim + 6 * time_width})
+    pipe = StableDiffusionXLPipeline(**{**pipe.components, "unet": unet})
+    pipe.save_pretrained(folder / "base")
+    pair = folder / "subject.safetensors", folder / "style.safetensors"
+    save_file(random_kohya_lora(pipe, 4, 2.0, seed=1), pair[0])
+    save_file(random_kohya_lora(pipe, 8, 3.0, seed=2, targets=("to_q", "to_k", "to_v", "ff.net.2")), pair[1])
+    files = {"klora-s*": _merge(folder / "base", pair, folder / "klora_sstar.safetensors", pattern="s*")}
+    return SimpleNamespace(pipe=pipe, pair=pair, files=files, folder=folder)
