@@ -60,12 +60,13 @@ def _source_lora(modules: list[Module], source: str) -> dict[str, torch.Tensor]:
 
 
 def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
-    """A clone of `model` with one ScheduledLoRA per layer and the clock; `model` itself is left as it was."""
+    """A clone of `model` with one ScheduledLoRA per layer and the clock; `model` itself is left as it was.
+    Every patch goes in with ComfyUI's `add_patches`; those whose schedule never switches are plain static LoRAs."""
     modules = [module for module in scheduled.modules.values() if module.is_denoiser]
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     targets = _targets(scheduled, modules, key_map, model.model, "model")
-    if scheduled.axis == "noise":
-        train_timesteps(model.get_model_object("model_sampling"))  # refuse an unsupported sampling before sampling
+    if scheduled.axis == "noise":  # refuse an unsupported sampling now, not at the first step
+        train_timesteps(scheduled.path, model.get_model_object("model_sampling"))
     adapters = {source: comfy.lora.load_lora(_source_lora(modules, source), key_map, log_missing=False)
                 for source in SOURCES}
     patches = {}
@@ -75,9 +76,11 @@ def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
         patches[target] = ScheduledLoRA(_weight_key(target), module, sources)
     patched = model.clone()
     patched.add_patches(patches, strength)
-    replay = Replay(scheduled.axis, [patch for patch in patches.values() if patch.module.switches])
-    patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, replay.sampler_sample)
-    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, replay.predict_noise)
+    switching = [patch for patch in patches.values() if patch.module.switches]
+    if switching:  # a schedule without switches (`direct`) needs no clock
+        replay = Replay(scheduled.path, scheduled.axis, switching)
+        patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, replay.sampler_sample)
+        patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, replay.predict_noise)
     return patched
 
 

@@ -25,7 +25,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from .scheduled_file import ACTIVE, Module, ScheduledLoraError
+from .scheduled_file import ACTIVE, Module, error
 
 # Samplers whose extra evaluations inside step n can land on the next step's sigma S[n+1] (Heun's corrector, Heun++'s
 # look-aheads at S[n+1] and S[n+2], and the ancestral midpoint sqrt(S[n] * sigma_down), which is S[n+1] at eta = 1),
@@ -78,24 +78,26 @@ def rewrite(patcher, key: str) -> bool:
     return True
 
 
-def train_timesteps(model_sampling) -> float:
+def train_timesteps(path: str, model_sampling) -> float:
     """T such that q = 1 - t / T for ComfyUI's t = model_sampling.timestep(sigma) equals lorasched's noise axis
-    q = 1 - t_diffusers / T_train. Discrete (SD1.x, SDXL): t is the training-step index, T = number of training
-    steps. Flow (SD3): t = sigma * multiplier. FLUX: t = sigma (diffusers' FLUX t / 1000 is also sigma)."""
+    q = 1 - t_diffusers / T_train: discrete (SD1.x, SDXL) t is the training-step index and T the number of
+    training steps; flow (SD3) t = sigma * multiplier; FLUX t = sigma (diffusers' FLUX t / 1000 is sigma too).
+    Other samplings (EDM, LCM-distilled, cascade) have no such reading: the file `path` is refused on them."""
     if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
         return 1.0
     if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
         return float(model_sampling.multiplier)
     if type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
         return float(len(model_sampling.sigmas))
-    raise ScheduledLoraError(f"a calibrated (noise-axis) schedule cannot be read on {type(model_sampling).__mro__[1].__name__}"
-                             " sampling; use a model with discrete, flow or FLUX sampling")
+    kinds = ", ".join(base.__name__ for base in type(model_sampling).__bases__)
+    raise error(path, f"a calibrated (noise-axis) schedule cannot be read on {kinds} sampling; use the model with "
+                      "discrete (SD1.x/SDXL), flow (SD3) or FLUX sampling")
 
 
-def _noise_levels(sigmas: torch.Tensor, model_sampling) -> list[float]:
-    """q = 1 - t / T of each sigma, t the model's own timestep (see `train_timesteps`)."""
-    total = train_timesteps(model_sampling)
-    return [min(max(1.0 - float(t) / total, 0.0), 1.0) for t in model_sampling.timestep(sigmas).reshape(-1)]
+def noise_levels(path: str, sigmas: torch.Tensor, model_sampling) -> list[float]:
+    """q = 1 - t / T of each sigma, t the model's own timestep."""
+    total = train_timesteps(path, model_sampling)
+    return [min(max(1.0 - t / total, 0.0), 1.0) for t in model_sampling.timestep(sigmas).reshape(-1).tolist()]
 
 
 class Replay:
@@ -109,8 +111,8 @@ class Replay:
     - `noise`: q = 1 - t / T from the model's own timestep t of s (see `train_timesteps`), per evaluation.
     """
 
-    def __init__(self, axis: str, patches: list[ScheduledLoRA]) -> None:
-        self.axis = axis
+    def __init__(self, path: str, axis: str, patches: list[ScheduledLoRA]) -> None:
+        self.path, self.axis = path, axis
         self.patches = patches
         self.change_points = sorted({start for patch in patches for start, _ in patch.module.phases[1:]})
         self.segment = 0  # index of the interval between change points the patches are set for (all start there)
@@ -139,7 +141,7 @@ class Replay:
         else:
             time = self._noise.get(sigma)
             if time is None:  # an in-step evaluation between the run's sigmas
-                time = _noise_levels(timestep.reshape(-1)[:1], guider.inner_model.model_sampling)[0]
+                time = noise_levels(self.path, timestep.reshape(-1)[:1], guider.inner_model.model_sampling)[0]
         segment = bisect.bisect_right(self.change_points, time)
         if segment != self.segment:
             self.switch(guider.model_patcher, time)
@@ -150,9 +152,9 @@ class Replay:
         """Once per run: the steps' sigmas, and on the noise axis their noise levels (one vectorised call)."""
         self._sigmas_tensor = sample_sigmas
         starts = sample_sigmas[:-1]
-        self._starts = [float(s) for s in starts][::-1]
+        self._starts = starts.tolist()[::-1]
         if self.axis == "noise":
-            self._noise = dict(zip((float(s) for s in starts), _noise_levels(starts, model_sampling)))
+            self._noise = dict(zip(starts.tolist(), noise_levels(self.path, starts, model_sampling)))
 
     def progress(self, sigma: float) -> float:
         at_or_above = len(self._starts) - bisect.bisect_left(self._starts, sigma * (1 - SIGMA_TOLERANCE))

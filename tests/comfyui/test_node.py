@@ -229,6 +229,15 @@ def test_an_sd_file_on_flux_is_refused(sd, flux_model, apply):
         apply(flux_model(), sd.files["klora-s"])
 
 
+def test_a_noise_axis_file_is_refused_on_a_sampling_without_training_steps(sd, sd_model, apply):
+    """feature-kl reads q = 1 - t / T_train; ComfyUI's EDM sampling (t = log(sigma) / 4) has no such t."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    (edm,) = ModelSamplingContinuousEDM().patch(sd_model(), "eps", 120.0, 0.002)
+    with pytest.raises(ValueError, match="feature_kl.safetensors: a calibrated .noise-axis. schedule cannot be read"):
+        apply(edm, sd.files["feature-kl"])
+
+
 def test_the_pack_is_a_registry_node(node):
     """ComfyUI's own parser reads the `[tool.comfy]` table, and the node is registered under its display name."""
     from comfy_config import config_parser
