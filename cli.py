@@ -71,10 +71,18 @@ def main() -> None:
               show_default=True, help="Tensor names of the output: kohya (lora_unet_…) or diffusers (PEFT lora_A/B); "
                                       "auto: kohya for SD1.x/SDXL, diffusers for FLUX/SD3.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin/.pt inputs with torch.load(weights_only=True).")
-def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps, device, dtype, output,
-          prompts, seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder,
-          tensor_format, allow_pickle) -> None:
+def merge(**params) -> None:
     """Merge two LoRAs into one scheduled LoRA file."""
+    result = _merge(**params)
+    if result is None:  # a process of a launch other than the main one: the main one reports
+        return
+    click.echo(_wrote(result))
+
+
+def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps, device, dtype, output, prompts,
+           seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder, tensor_format,
+           allow_pickle, group=None):
+    """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`)."""
     from lorasched.convert import Calibration
     from lorasched.convert import merge as run_merge
     from lorasched.merge.checks import parse_seeds
@@ -84,17 +92,56 @@ def merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps,
         prompts=prompts, seeds=parse_seeds(seeds), guidance=guidance, size=resolution, batch_size=batch_size,
         log=log_path, min_run=min_run, embedder=embedder,
     )
-    result = run_merge(
+    return run_merge(
         base, subject, style, output, method, options,
         steps=steps, device=device, dtype=DTYPES[dtype], calibration=calibration, progress=_bar("scoring"),
         tensor_format=None if tensor_format == "auto" else tensor_format, allow_pickle=allow_pickle,
-        bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None),
+        bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None), group=group,
     )
+
+
+def _wrote(result) -> str:
     switching = sum(1 for phases in result.schedule.layers.values() if len(phases) > 1)
-    click.echo(
-        f"wrote {result.output}: {method}, {result.both_adapted} both-adapted layers "
-        f"({switching} switch during denoising), {len(result.schedule.layers)} modules in all"
-    )
+    return (f"wrote {result.output}: {result.method}, {result.both_adapted} both-adapted layers "
+            f"({switching} switch during denoising), {len(result.schedule.layers)} modules in all")
+
+
+def _merge_row(row):
+    """One manifest row as its own single-process merge (module-level, so a process pool can run it)."""
+    from lorasched.calibration.distributed import Group, current
+    from lorasched.many import timed
+
+    def run(row) -> str:
+        try:
+            params = merge.make_context("merge", row.merge_args()).params
+        except click.ClickException as exc:
+            raise LoraschedError(exc.format_message().splitlines()[0]) from None
+        return _wrote(_merge(**params, group=Group(device=current().device)))
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # a spawned worker starts without the CLI's setting
+    return timed(row, run)
+
+
+@main.command("merge-many", cls=Command)
+@click.argument("manifest")
+@click.option("--base", help="Base pipeline for rows without a `base` column.")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Local processes (weight-only rules on CPU); under `accelerate launch`, rows go to its processes.")
+def merge_many(manifest, base, jobs) -> None:
+    """Merge every row of a CSV manifest (subject, style, method, options, output[, base]) and print a summary;
+    rows whose output is up to date are skipped, and a failing row does not stop the others."""
+    from lorasched.calibration.distributed import current
+    from lorasched.many import read_manifest, run_rows, table
+
+    if jobs < 1:
+        raise LoraschedError(f"--jobs {jobs}: need at least 1")
+    outcomes = run_rows(read_manifest(manifest, base), _merge_row, jobs, current())
+    if outcomes is None:
+        return
+    for line in table(outcomes):
+        click.echo(line)
+    if any(outcome.failed for outcome in outcomes):
+        sys.exit(2)
 
 
 @main.command(cls=Command)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .calibration import distributed
+from .calibration.distributed import Group
 from .calibration.probes import DEFAULT_EMBEDDER
 from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
@@ -21,6 +23,7 @@ from .merge.schedule import Schedule, from_rule
 @dataclass(frozen=True)
 class MergeResult:
     output: Path
+    method: str
     schedule: Schedule
     params: dict
     both_adapted: int
@@ -65,20 +68,28 @@ def merge(
     calibration: Calibration = Calibration(),
     progress=iter,
     bar=None,
-) -> MergeResult:
+    group: Group | None = None,
+) -> MergeResult | None:
     """Read, score (or calibrate), schedule and export.
+
+    Under a launcher (`accelerate launch -m lorasched merge …`, see calibration/distributed.py) every process
+    calls this; feature-kl calibration runs are shared among them and only the main process writes the file and
+    returns a result (the others return None). `group` None: the launch this process belongs to.
 
     Weight-only rules: `steps` is the reference step count `inspect` shows. feature-kl, and EST without β:
     `steps` is the step count of the calibration (or probe) passes, run on the base pipeline with its weights;
     `bar(total)` makes the progress bar of the calibration runs.
     """
+    group = group or distributed.current()
     check_steps(steps)
     rules.validate(method, options)
     calibration.check()
     check_paths(subject, style, output)
-    pair = read_pair(base, subject, style, allow_pickle)
-    device = pick_device(device)
     needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None)
+    if not (group.is_main or method in rules.CALIBRATED):
+        return None  # under a launcher, only feature-kl calibration is shared; the main process does the rest
+    pair = read_pair(base, subject, style, allow_pickle)
+    device = group.device or pick_device(device)
     if needs_runs:
         from .calibration.pipeline import default_size, load_pipeline
         from .calibration.prompts import read_prompts, trigger_prompts
@@ -87,7 +98,10 @@ def merge(
         pipe = load_pipeline(base, device)
         size = calibration.size or default_size(pipe)
     if method in rules.CALIBRATED:
-        schedule, params = _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar)
+        calibrated = _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar, group)
+        if calibrated is None:
+            return None
+        schedule, params = calibrated
         scores = {}
     else:
         probe = None
@@ -104,11 +118,13 @@ def merge(
         scores = getattr(rule, "scores", {})
     export.export(output, pair, schedule, method=method, params=params, scores=scores, dtype=dtype,
                   tensor_format=tensor_format)
-    return MergeResult(Path(output), schedule, params, len(pair.both_adapted))
+    return MergeResult(Path(output), method, schedule, params, len(pair.both_adapted))
 
 
-def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar) -> tuple[Schedule, dict]:
-    """feature-kl: calibration runs (resumed from the log when it has them), then the consensus schedule."""
+def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar,
+                group: Group) -> tuple[Schedule, dict] | None:
+    """feature-kl: calibration runs (resumed from the log when it has them), then the consensus schedule; None on
+    the processes of a launch other than the main one."""
     from .calibration.aggregate import aggregate
     from .calibration.runner import Settings, calibrate
     from .merge.rules.feature_kl import FeatureKLRule
@@ -126,13 +142,15 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
         temperature=options.temperature,
     )
     log_path = Path(calibration.log or f"{output}.calibration.jsonl")
-    progress_bar = bar(len(settings.runs()) * steps) if bar else None
+    progress_bar = bar(len(settings.runs()) * steps) if bar and group.is_main else None
     try:
         log = calibrate(pipe, pair, FeatureKLRule(temperature=options.temperature), settings, log_path,
-                        calibration.batch_size, progress_bar)
+                        calibration.batch_size, progress_bar, group)
     finally:
         if progress_bar is not None:
             progress_bar.close()
+    if log is None:
+        return None
     schedule = aggregate(log, pair, calibration.min_run)
     shares = [share for values in schedule.agreement.values() for share in values]
     params = {

@@ -19,6 +19,7 @@ from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import LoraPair
 from lorasched.merge.rules.feature_kl import FeatureKLRule, balance
 
+from .distributed import Group
 from .online import OnlineRule
 
 LOG_VERSION = 1
@@ -140,35 +141,106 @@ def gamma_from_balance_run(records: list[dict]) -> float:
     return balance([c / s if s > 0 else float("inf") for c, s in scores])
 
 
-def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_size: int = 4, bar=None) -> Log:
-    """Run every (prompt, seed) not yet in the log at `path` and append it; returns the complete log.
+def shard_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.name}.shard{rank}")
 
-    A feature rule without γ first runs its balance run (first prompt, first seed, both LoRAs) to fix γ.
-    `bar` (tqdm-like, total = runs × steps) is advanced once per prompt and step.
-    """
-    path = Path(path)
+
+def _shards(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.shard*"))
+
+
+def _batches(settings: Settings, done: set[tuple[str, int]], batch_size: int) -> list[tuple[list[str], int]]:
+    """The runs still to do, batched as a single process batches them: per seed, up to `batch_size` prompts."""
+    batches = []
+    for seed in settings.seeds:
+        todo = [prompt for prompt in settings.prompts if (prompt, seed) not in done]
+        batches += [(todo[start : start + batch_size], seed) for start in range(0, len(todo), batch_size)]
+    return batches
+
+
+def _open_log(pipe, pair: LoraPair, rule, settings: Settings, path: Path) -> Log:
+    """The log at `path` (checked against `settings`), or a new one with its header (and γ from the balance run)."""
     if path.exists() and path.stat().st_size:
         log = read_log(path)
         if log.settings != settings:
             raise LoraschedError(f"{path}: calibration log was made with other settings; give a new --log path")
-        if isinstance(rule, FeatureKLRule):
-            rule = FeatureKLRule(gamma=log.gamma, temperature=rule.temperature)
-    else:
-        runner = Runner(pipe, pair, settings)
-        gamma = None
-        if isinstance(rule, FeatureKLRule) and rule.gamma is None:
-            gamma = gamma_from_balance_run(runner.run(rule, [settings.prompts[0]], settings.seeds[0]))
-            rule = FeatureKLRule(gamma=gamma, temperature=rule.temperature)
-        log = Log(settings=settings, layers=pair.both_adapted, gamma=gamma, runs=[])
-        path.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
-    done = log.done()
+        return log
+    gamma = None
+    if isinstance(rule, FeatureKLRule) and rule.gamma is None:
+        gamma = gamma_from_balance_run(Runner(pipe, pair, settings).run(rule, [settings.prompts[0]], settings.seeds[0]))
+    log = Log(settings=settings, layers=pair.both_adapted, gamma=gamma, runs=[])
+    path.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
+    return log
+
+
+def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_size: int = 4, bar=None,
+              group: Group = Group()) -> Log | None:
+    """Run every (prompt, seed) not yet logged at `path` and log it; returns the complete log (None on the
+    processes of a launch other than the main one).
+
+    A feature rule without γ first runs its balance run (first prompt, first seed, both LoRAs) to fix γ.
+    `bar` (tqdm-like, total = runs × steps) is advanced once per prompt and step.
+
+    Under a launcher (`group.size > 1`) the main process opens the log; then each process takes every size-th
+    batch of the runs still to do (batched exactly as one process would, so each run computes the same numbers)
+    and appends it to its own shard `<log>.shard<rank>`. The main process then folds every shard into the log in
+    the order one process would have written it, and removes the shards. A process that dies leaves its finished
+    runs in its shard: the next launch, of any size, counts them as done.
+    """
+    path = Path(path)
+    log = _together(group, lambda: _open_log(pipe, pair, rule, settings, path) if group.is_main else None)
+    log = log or read_log(path)
+    if isinstance(rule, FeatureKLRule):
+        rule = FeatureKLRule(gamma=log.gamma, temperature=rule.temperature)
+    done = log.done() | {(run["prompt"], run["seed"]) for shard in _shards(path) for run in _shard_runs(shard, settings)}
     if bar is not None:
         bar.update(len(done) * settings.steps)
     runner = Runner(pipe, pair, settings, bar)
-    for seed in settings.seeds:
-        todo = [prompt for prompt in settings.prompts if (prompt, seed) not in done]
-        for start in range(0, len(todo), batch_size):
-            records = runner.run(rule, todo[start : start + batch_size], seed)
-            _append(path, records)
-            log.runs.extend(records)
+    target = path if group.size == 1 else shard_path(path, group.rank)
+
+    def run_share() -> None:
+        if group.size > 1 and not target.exists():
+            target.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
+        for prompts, seed in group.share(_batches(settings, done, batch_size)):
+            records = runner.run(rule, prompts, seed)
+            _append(target, records)
+            if group.size == 1:
+                log.runs.extend(records)
+
+    _together(group, run_share)
+    return _fold_shards(path, log) if group.is_main else None
+
+
+def _together(group: Group, work):
+    """Run `work` on every process, then meet; if it failed anywhere, fail everywhere with the first error (so no
+    process waits for one that is gone)."""
+    try:
+        result, problem = work(), None
+    except LoraschedError as exc:
+        result, problem = None, str(exc)
+    problems = [p for p in group.gather(problem) if p is not None]
+    if problems:
+        raise LoraschedError(problems[0])
+    return result
+
+
+def _shard_runs(shard: Path, settings: Settings) -> list[dict]:
+    log = read_log(shard)
+    if log.settings != settings:
+        raise LoraschedError(f"{shard}: calibration shard was made with other settings; remove it or give a new --log")
+    return log.runs
+
+
+def _fold_shards(path: Path, log: Log) -> Log:
+    """Append every shard's runs to the log in single-process order, then drop the shards."""
+    shards = _shards(path)
+    if not shards:
+        return log
+    found = {(run["prompt"], run["seed"]): run for shard in shards for run in _shard_runs(shard, log.settings)}
+    done = log.done()
+    new = [found[key] for key in log.settings.runs() if key in found and key not in done]
+    _append(path, new)
+    log.runs.extend(new)
+    for shard in shards:
+        shard.unlink()
     return log
