@@ -43,6 +43,11 @@ def node() -> type:
     return nodes.NODE_CLASS_MAPPINGS["LoraschedLoadScheduledLora"]
 
 
+def pack_module(name: str):
+    """A module of the node pack, under the name ComfyUI's loader gives it (the folder's path, dots as `_x_`)."""
+    return sys.modules[f"{str(NODE_PACK).replace('.', '_x_')}.{name}"]
+
+
 @pytest.fixture(scope="session")
 def sd(tmp_path_factory) -> SimpleNamespace:
     return make_sd_world(tmp_path_factory.mktemp("sd"))
