@@ -202,6 +202,8 @@ def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device
         sources=(subject, style) if subject or style else None,
         bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),
     )
+    if result is None:  # a process of a launch other than the main one: the main one reports
+        return
     for line in result.lines():
         click.echo(line)
     if result.agreement < min_agreement:

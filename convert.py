@@ -173,8 +173,9 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
 
 def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,
                 mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
-                bar=None) -> VerifyResult:
-    """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder."""
+                bar=None, group: Group | None = None) -> VerifyResult | None:
+    """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder.
+    Under a launcher the runs are shared among the processes; the main one gets the result (the others None)."""
     from .calibration.pipeline import default_size, load_pipeline
     from .calibration.prompts import read_prompts
 
@@ -196,14 +197,16 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
         for lora, role in ((pair.subject, "subject"), (pair.style, "style")):
             if lora.sha256 != scheduled.sources[role]["sha256"]:
                 raise LoraschedError(f"{lora.path}: is not the {role} LoRA this file was made from (sha256 differs)")
-    pipe = load_pipeline(base, pick_device(device))
+    group = group or distributed.current()
+    pipe = load_pipeline(base, group.device or pick_device(device))
     size = size or default_size(pipe)
-    progress = bar(2 * len(prompts) * len(seeds)) if bar else None
+    mine = len(group.share(range(len(prompts) * len(seeds))))  # this process's runs, each generated twice
+    progress = bar(2 * mine) if bar and group.is_main else None
     try:
-        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, pair, progress)
+        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, pair, progress, group)
     finally:
         if progress is not None:
             progress.close()
-    if report_dir is not None:
+    if report_dir is not None and result is not None:
         write_report(result, scheduled, report_dir)
     return result

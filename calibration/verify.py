@@ -23,6 +23,7 @@ from lorasched.merge.report import decided_layers
 from lorasched.merge.rules.feature_kl import FeatureKLRule
 from lorasched.merge.schedule import AXIS_PROGRESS
 
+from .distributed import Group
 from .online import CODES, OnlineRule
 from .runner import seeded_generators
 
@@ -58,6 +59,16 @@ class Tally:
             counts = table.setdefault(key, [0, 0])
             counts[0] += same
             counts[1] += 1
+
+    def absorb(self, other: "Tally") -> None:
+        """Add another process's counts (a launch's share of the runs)."""
+        self.agree += other.agree
+        self.total += other.total
+        for mine, theirs in ((self.layers, other.layers), (self.steps, other.steps), (self.cells, other.cells)):
+            for key, (same, count) in theirs.items():
+                counts = mine.setdefault(key, [0, 0])
+                counts[0] += same
+                counts[1] += count
 
     @property
     def fraction(self) -> float:
@@ -135,11 +146,13 @@ class VerifyResult:
 
 
 def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
-           mode: str = "unfused", pair: LoraPair | None = None, bar=None) -> VerifyResult:
+           mode: str = "unfused", pair: LoraPair | None = None, bar=None,
+           group: Group = Group()) -> VerifyResult | None:
     """Online rule and replay side by side (see module docstring); `bar` is advanced once per generated image.
 
     `pair`: the source LoRAs, needed for feature rules where the file dropped a LoRA's factors on layers that
-    never use it (weight-only rules decide from recorded scores and need only the file).
+    never use it (weight-only rules decide from recorded scores and need only the file). Under a launcher each
+    process verifies its share of the runs and the main process gets the result (the others None).
     """
     scheduled = fileformat.read(path, with_tensors=True)
     schedule = scheduled.schedule
@@ -153,7 +166,7 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
                              "feature-kl rule needs both: give --subject and --style")
     generate = Generation(pipe, steps, guidance, size)
     Generation(pipe, 1, guidance, size)(prompts[0], seeds[0])  # warm-up, so the first timed run is not penalised
-    runs = [(prompt, seed) for seed in seeds for prompt in prompts]
+    runs = group.share([(prompt, seed) for seed in seeds for prompt in prompts])
     tally, online_out, online_time = Tally(), [], []
     for prompt, seed in runs:
         with OnlineRule(pipe, pair, rule, record=True, samples=1) as online:
@@ -169,18 +182,23 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
             bar.update(1)
     handle = attach(pipe, path, mode=mode)
     try:
-        replayed, replay_time = [], []
-        for prompt, seed in runs:
+        measured = []  # per run: latent max |Δ|, mean |Δ|, image PSNR, seconds online, seconds replayed
+        for (prompt, seed), (latents_online, images_online), seconds_online in zip(runs, online_out, online_time):
             latents, images, seconds = generate(prompt, seed)
-            replayed.append((latents, images))
-            replay_time.append(seconds)
+            difference = (latents_online - latents).abs()
+            measured.append((float(difference.max()), float(difference.mean()), psnr(images_online, images),
+                             seconds_online, seconds))
             if bar is not None:
                 bar.update(1)
     finally:
         handle.detach()
-    latent_diff = torch.stack([(a[0] - b[0]).abs().max() for a, b in zip(online_out, replayed)])
-    latent_mean = torch.stack([(a[0] - b[0]).abs().mean() for a, b in zip(online_out, replayed)])
-    image_psnr = [psnr(a[1], b[1]) for a, b in zip(online_out, replayed)]
+    parts = group.gather((tally, measured))
+    if not group.is_main:
+        return None
+    tally = Tally()
+    for part, _ in parts:
+        tally.absorb(part)
+    latent_max, latent_mean, image_psnr, online_time, replay_time = zip(*[m for _, ms in parts for m in ms])
     return VerifyResult(
         file=str(path),
         method=scheduled.method,
@@ -194,8 +212,8 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
         agreement_per_step=[tally.steps[i][0] / tally.steps[i][1] for i in sorted(tally.steps)],
         agreement_grid=[[tally.cells[layer, i][0] / tally.cells[layer, i][1] for i in sorted(tally.steps)]
                         for layer in layers],
-        latent_max_abs_diff=float(latent_diff.max()),
-        latent_mean_abs_diff=float(latent_mean.mean()),
+        latent_max_abs_diff=max(latent_max),
+        latent_mean_abs_diff=sum(latent_mean) / len(latent_mean),
         psnr_db_min=min(image_psnr),
         psnr_db_mean=sum(image_psnr) / len(image_psnr),
         seconds_per_image_online=sum(online_time) / len(online_time),

@@ -102,3 +102,25 @@ def test_a_manifest_without_its_columns_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["merge-many", str(manifest), "--base", "b"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "missing: method, options, output" in result.stderr
+
+
+def test_verify_shared_by_two_processes_reports_what_one_process_reports(tiny_base, kohya_pair, tmp_path):
+    import json
+
+    scheduled = tmp_path / "k.safetensors"
+    assert CliRunner().invoke(main, ["merge", "--base", str(tiny_base), "--subject", str(kohya_pair[0]), "--style",
+                                     str(kohya_pair[1]), "--steps", "5", "-o", str(scheduled)]).exit_code == 0
+    args = ["verify", str(scheduled), "--base", str(tiny_base), *RUNS[:4], "--seeds", "3,4", "--resolution", "32",
+            "--mode", "fused"]
+    one = CliRunner().invoke(main, [*args, "--report", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    launch = _launch(2, [*args, "--report", str(tmp_path / "two")])
+    output = launch.communicate(timeout=600)[0]
+    assert launch.returncode == 0 and output.count("agreement ") == 1, output
+
+    def numbers(folder):
+        report = json.loads((folder / "report.json").read_text())
+        return {key: value for key, value in report.items() if not key.startswith("seconds")}
+
+    assert numbers(tmp_path / "two") == numbers(tmp_path / "one")
+    assert (tmp_path / "two" / "agreement.png").exists()
