@@ -5,7 +5,8 @@ Run from the repository root: `.venv-comfy/bin/python tests/comfyui/overhead.py`
 model (no run pays for ComfyUI swapping patches between clones) and is warmed up once; the three are then timed
 in turns, keeping each one's fastest run (a shared host adds noise, never speed). The node's runs include its
 switch writes and, from the second run on, the reset to the first step's sources. `in node` is the time spent
-inside the node's PREDICT_NOISE wrapper (clock and rewrites), measured around it, per sampling step.
+inside the node's PREDICT_NOISE wrapper (clock and rewrites), measured around it, per sampling step; `per write`
+the node's rewrite of one switching weight from ComfyUI's backup.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from reference import sample  # noqa: E402
 from worlds import comfy_unet, make_sd_world, sd_conditioning  # noqa: E402
 
 ROUNDS = 7
+
+
+def _replay(model):
+    return model.wrappers[WrappersMP.PREDICT_NOISE]["lorasched"][0].__self__
 
 
 def _time_inside_node(model) -> list[float]:
@@ -61,8 +66,9 @@ def main() -> None:
         folder_paths.add_model_folder_path("loras", str(world.folder))
         assert asyncio.run(nodes.load_custom_node(str(conftest.NODE_PACK)))
         node = nodes.NODE_CLASS_MAPPINGS["LoraschedLoadScheduledLora"]()
+        rewrite = conftest.pack_module("replay").rewrite
         print(f"{'file':<10} {'steps':>5} {'bare':>7} {'LoraLoader':>10} {'node':>7} {'node/LoraLoader':>15} "
-              f"{'in node':>9}")
+              f"{'in node':>9} {'per write':>9}")
         for name in ("klora-s", "klora-s*", "feature-kl"):
             path = world.files[name]
             bare = comfy_unet(world.pipe.unet)
@@ -77,8 +83,13 @@ def main() -> None:
                     best.setdefault(id(model), []).append(time.perf_counter() - start)
                 t_bare, t_static, t_node = (min(best[id(model)][1:]) for model in (bare, static, scheduled))
                 in_node = sum(spent[-ROUNDS * steps:]) / (ROUNDS * steps)
+                keys = sorted({patch.key for patch in _replay(scheduled).patches})
+                start = time.perf_counter()
+                for key in keys * ROUNDS:
+                    rewrite(scheduled, key)
+                per_write = (time.perf_counter() - start) / (len(keys) * ROUNDS)
                 print(f"{name:<10} {steps:>5} {t_bare:>6.3f}s {t_static:>9.3f}s {t_node:>6.3f}s "
-                      f"{t_node / t_static:>15.3f} {1e6 * in_node:>7.0f}µs")
+                      f"{t_node / t_static:>15.3f} {1e6 * in_node:>7.0f}µs {1e6 * per_write:>7.0f}µs")
 
 
 if __name__ == "__main__":
