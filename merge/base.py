@@ -1,17 +1,16 @@
-"""The base model as a *skeleton*: the real pipeline class and module tree, with uninitialised weights.
+"""The base model as a *skeleton*: the real module tree of every LoRA-loadable component, on the meta device.
 
 Weight-only rules never need the base weights, only its module names and shapes (to check that a LoRA fits) and
-its pipeline class (whose `load_lora_weights` converts every LoRA key format). Building the components on the
-meta device and then `to_empty` gives real tensors that are never touched, so an SDXL skeleton costs address
-space, not memory.
+its pipeline's LoRA loader (whose `load_lora_weights` converts every LoRA key format). Components built on the
+meta device have real classes, names and shapes and no storage, so an SDXL skeleton costs next to nothing.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,15 +45,13 @@ def _empty(cls, config, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     # nn.Module.to: a dtype change on meta tensors, without diffusers' keep-in-fp32 warning for real weights
-    return torch.nn.Module.to(model, dtype=dtype).to_empty(device="cpu").eval()
+    return torch.nn.Module.to(model, dtype=dtype).eval()
 
 
-def _component(library: str, class_name: str, folder: Path, is_scheduler: bool, dtype: torch.dtype):
+def _component(library: str, class_name: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module | None:
     import transformers
 
     cls = getattr(importlib.import_module(library), class_name)
-    if is_scheduler:
-        return cls.from_pretrained(folder)
     if library == "diffusers" and hasattr(cls, "load_config"):
         return _empty(cls, cls.load_config(folder), dtype)
     if library == "transformers" and issubclass(cls, transformers.PreTrainedModel):
@@ -62,15 +59,48 @@ def _component(library: str, class_name: str, folder: Path, is_scheduler: bool, 
     return None
 
 
-def load_skeleton(base: str, dtype: torch.dtype = torch.float32):
-    """The base pipeline with untouched weights: right classes, names and shapes, fit for `load_lora_weights`.
+@dataclass(frozen=True)
+class Skeleton:
+    """The base as LoRA loading sees it: the pipeline's class name, the diffusers loader mixin whose
+    `load_lora_weights` converts every LoRA key format for it, and each LoRA-loadable component on the meta device
+    (its real module tree, names and shapes; no storage at all). Components read as attributes (`skeleton.unet`).
+    """
 
-    Only the components a LoRA can adapt (and the scheduler) are built; the others are None, so a component whose
-    config names a class by a pipeline-relative library (SD1.5's `["stable_diffusion",
-    "StableDiffusionSafetyChecker"]`) never needs resolving.
+    pipeline_class: str
+    loader: type
+    components: dict[str, torch.nn.Module]
 
-    `dtype` should be the LoRAs' own: PEFT casts adapter weights to the base layer's dtype, so a matching
-    skeleton keeps the factors bit-exact and uncopied.
+    def __getattr__(self, name: str) -> torch.nn.Module:
+        components = self.__dict__.get("components", {})
+        if name in components:
+            return components[name]
+        raise AttributeError(name)
+
+    @property
+    def _lora_loadable_modules(self) -> list[str]:
+        """The components built, in the loader's order (denoiser first), under diffusers' own attribute name."""
+        return list(self.components)
+
+
+def lora_loader(pipeline_cls: type) -> type:
+    """The diffusers mixin that gives `pipeline_cls` its `load_lora_weights` (and with it `lora_state_dict` and the
+    component names a LoRA can reach)."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    for cls in pipeline_cls.__mro__:
+        if "load_lora_weights" in vars(cls) and issubclass(cls, LoraBaseMixin):
+            return cls
+    raise LoraschedError(f"{pipeline_cls.__name__} has no LoRA loader in diffusers")
+
+
+def load_skeleton(base: str, dtype: torch.dtype = torch.float32) -> Skeleton:
+    """The base's LoRA-loadable components built from their configs on the meta device (see `Skeleton`).
+
+    Only those components are built, so a component whose config names a class by a pipeline-relative library
+    (SD1.5's `["stable_diffusion", "StableDiffusionSafetyChecker"]`) never needs resolving.
+
+    `dtype` should be the LoRAs' own (promoted): a load casts adapter weights to their base layer's dtype, so it is
+    the dtype of the factors read onto this skeleton.
     """
     import diffusers
 
@@ -79,21 +109,17 @@ def load_skeleton(base: str, dtype: torch.dtype = torch.float32):
     pipeline_cls = getattr(diffusers, index["_class_name"], None)
     if pipeline_cls is None:
         raise LoraschedError(f"{base}: unknown pipeline class {index['_class_name']}")
-    accepted = inspect.signature(pipeline_cls.__init__).parameters
-    components: dict[str, object] = {}
-    wanted = set(getattr(pipeline_cls, "_lora_loadable_modules", ())) | {"scheduler"}
-    for name, spec in index.items():
-        if name not in accepted or not isinstance(spec, list):
-            continue
-        library, class_name = spec
-        if class_name is None or name not in wanted:  # VAE, tokenizers, safety checker: no LoRA reaches them
-            components[name] = None
+    loader = lora_loader(pipeline_cls)
+    components: dict[str, torch.nn.Module] = {}
+    for name in loader._lora_loadable_modules:
+        spec = index.get(name)
+        if not isinstance(spec, list) or None in spec:
             continue
         try:
-            components[name] = _component(library, class_name, root / name, name == "scheduler", dtype)
+            component = _component(*spec, root / name, dtype)
         except Exception as exc:  # a broken or foreign config: one line naming the component
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise LoraschedError(f"{base}: cannot build its {name} from the config ({reason})") from exc
-    if "requires_safety_checker" in accepted:
-        components["requires_safety_checker"] = False
-    return pipeline_cls(**components)
+        if component is not None:
+            components[name] = component
+    return Skeleton(index["_class_name"], loader, components)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -14,17 +15,48 @@ SOURCES = (SUBJECT, STYLE)
 BOTH = "both"
 
 
-@dataclass(frozen=True)
-class LoraModule:
-    """One adapted module: `down` is (r, in[, kh, kw]), `up` is (out, r[, 1, 1]), ΔW = scale · up · down."""
+class Factor(Protocol):
+    """A factor kept where it is (a LoRA file) and read on each access, so a merge holds one module's numbers at a
+    time; only its shape is known up front."""
 
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float
+    shape: torch.Size
+
+    def load(self) -> torch.Tensor: ...
+
+
+class LoraModule:
+    """One adapted module: `down` is (r, in[, kh, kw]), `up` is (out, r[, 1, 1]), ΔW = scale · up · down.
+
+    Each factor is a tensor, or a `Factor` read again on every access of `down`/`up` (take it once per use).
+    """
+
+    __slots__ = ("_down", "_up", "scale")
+
+    def __init__(self, down: torch.Tensor | Factor, up: torch.Tensor | Factor, scale: float) -> None:
+        self._down, self._up, self.scale = down, up, scale
+
+    def __repr__(self) -> str:
+        return f"LoraModule(down={tuple(self._down.shape)}, up={tuple(self._up.shape)}, scale={self.scale})"
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self._down if isinstance(self._down, torch.Tensor) else self._down.load()
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self._up if isinstance(self._up, torch.Tensor) else self._up.load()
+
+    @property
+    def down_shape(self) -> tuple[int, ...]:
+        return tuple(self._down.shape)
+
+    @property
+    def up_shape(self) -> tuple[int, ...]:
+        return tuple(self._up.shape)
 
     @property
     def rank(self) -> int:
-        return self.down.shape[0]
+        return self._down.shape[0]
 
     def delta(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense ΔW as a matrix (out, in·kh·kw); only rules that need every entry (K-LoRA top-K) call it."""

@@ -1,9 +1,13 @@
-"""Reading LoRA files of any format diffusers understands onto a base, through diffusers' own loader.
+"""Reading LoRA files of any format diffusers understands onto a base: the files, their checks, and the pair.
 
-The file's tensors are handed to the base pipeline class's `load_lora_weights` on a skeleton of the base
-(see `base.py`); diffusers converts the key format (kohya with diffusers or SGM names, old attn-procs, PEFT, …),
-PEFT checks every module exists with matching shapes, and we read back, per adapted layer, exactly the factors
-and scaling a real load would use. No key surgery lives here, only the checks that give clear errors.
+diffusers converts the key format through the base pipeline's own `load_lora_weights` (see `adapters.py`); what
+comes back, per module, is exactly the factors and scaling a real load would use, without a load. No key surgery
+lives here, only the checks that give clear errors.
+
+The factors stay in the files. diffusers is handed stand-ins (meta tensors: shapes and dtypes, no data) for them;
+when its conversion only renames keys, as for every layout but the FLUX trainers' fused ones, each module's
+factors are read from the file when a rule or the exporter asks for them (`StoredFactor`), so a merge holds one
+module's numbers at a time. A conversion that computes on the values gets the real tensors instead, held in memory.
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
-from .base import load_skeleton
+from .adapters import adapted
+from .base import Skeleton, load_skeleton
 from .errors import LoraschedError
 from .lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair, denoiser_name
-from .names import SgmLayout, canonical_name
-from .quiet import collected_loading_messages, key_problems
+from .names import SgmLayout
+from .quiet import collected_loading_messages
+from .tensorfile import TensorFile
 
 UNSUPPORTED_MARKERS = {
     "hada_": "LyCORIS LoHa",
@@ -72,8 +78,14 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and `__metadata__` of a safetensors file, with one-line errors for what is not one.
+def _refuse_pickle(path: Path) -> None:
+    raise LoraschedError(f"{path}: pickle files are not read by default (they can run code); convert it to "
+                         ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
+
+
+def open_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+    """Tensors and `__metadata__` of a safetensors file, with one-line errors for what is not one. The tensors of a
+    safetensors file are read from it on each access (`StoredTensors`); a pickle's are in memory.
 
     Pickles (`.bin`, `.pt`) are refused unless `allow_pickle`; then they are read with `weights_only=True`.
     """
@@ -81,18 +93,45 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
     if not path.is_file():
         raise LoraschedError(f"{path}: no such file")
     if path.suffix in PICKLE_SUFFIXES:
-        if allow_pickle:
-            return _read_pickle(path), {}
-        raise LoraschedError(f"{path}: pickle files are not read by default (they can run code); convert it to "
-                             ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
+        if not allow_pickle:
+            _refuse_pickle(path)
+        return _read_pickle(path), {}
     try:
-        with safe_open(path, "pt") as handle:
+        with safe_open(path, "pt") as handle:  # checks the header and that the data covers it
             metadata = handle.metadata() or {}
-        tensors = load_file(path)
+        return StoredTensors(TensorFile(path)), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LoraschedError(f"{path}: not a readable safetensors file ({reason})") from exc
-    return tensors, metadata
+
+
+def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`open_tensors` with every tensor read."""
+    tensors, metadata = open_tensors(path, allow_pickle)
+    return dict(tensors), metadata
+
+
+class StoredTensors(Mapping):
+    """The tensors of a safetensors file by key, each read from the file when looked up (a new tensor each time)."""
+
+    def __init__(self, file: TensorFile, keys: Iterable[str] | None = None) -> None:
+        self.file = file
+        self._keys = dict.fromkeys(file.keys() if keys is None else keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self.file.read(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def without(self, keys: Iterable[str]) -> StoredTensors:
+        dropped = set(keys)
+        return StoredTensors(self.file, [key for key in self._keys if key not in dropped])
 
 
 def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -133,50 +172,26 @@ def describe_riders(keys: list[str]) -> str:
     return f"{len(keys)} textual-inversion embedding tensor{'s' if len(keys) > 1 else ''}: {shown}"
 
 
-def fold_kohya_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold each kohya `.alpha` into its `lora_down` (down · alpha / r, in place) and drop the alpha keys.
+def kohya_folds(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, float]]:
+    """{down key: (its `.alpha` key, alpha / r)} for each kohya `.alpha` with a `lora_down` beside it.
 
     The file means ΔW = alpha / r · up · down per module. diffusers 0.42 maps the alphas of SD/SDXL kohya files
     onto PEFT's `alpha_pattern` under names that match no module, so every module silently gets the most common
-    alpha; without alpha keys it uses scale 1 per module, which after the fold is exact.
+    alpha; a down folded with its alpha (down · alpha / r, in the file's dtype) and no alpha key loads at scale 1
+    per module, which is exact. Only the alpha scalars are read here.
     """
-    folded = dict(tensors)
+    folds = {}
     for key in [k for k in tensors if k.endswith(".alpha")]:
         down_key = key.removesuffix(".alpha") + ".lora_down.weight"
         if down_key in tensors:
-            down = tensors[down_key]
-            down.mul_(float(tensors[key]) / down.shape[0])
-            del folded[key]
-    return folded
+            folds[down_key] = (key, float(tensors[key]) / _shape(tensors, down_key)[0])
+    return folds
 
 
-def lora_components(pipe) -> list[str]:
-    """Pipeline components a LoRA can adapt, in diffusers' own order (denoiser, then text encoders)."""
-    return [name for name in pipe._lora_loadable_modules if getattr(pipe, name, None) is not None]
-
-
-def _adapted_layers(pipe, adapter: str):
-    for component in lora_components(pipe):
-        model = getattr(pipe, component)
-        for name, module in model.named_modules():
-            lora_a = getattr(module, "lora_A", None)
-            if lora_a is not None and adapter in lora_a:
-                yield canonical_name(component, model, name), module
-
-
-def _read_back(path: Path, pipe, adapter: str) -> dict[str, LoraModule]:
-    modules = {}
-    for name, layer in _adapted_layers(pipe, adapter):
-        if layer.use_dora.get(adapter):
-            raise LoraschedError(f"{path}: DoRA weights are not supported (plain LoRA only)")
-        if getattr(layer.lora_B[adapter], "bias", None) is not None:
-            raise LoraschedError(f"{path}: LoRA bias terms are not supported")
-        modules[name] = LoraModule(
-            down=layer.lora_A[adapter].weight.detach(),
-            up=layer.lora_B[adapter].weight.detach(),
-            scale=float(layer.scaling[adapter]),
-        )
-    return modules
+def _shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if isinstance(tensors, StoredTensors):
+        return tensors.file.entries[key].shape
+    return tuple(tensors[key].shape)
 
 
 def _reason(exc: Exception) -> str:
@@ -188,24 +203,31 @@ def _reason(exc: Exception) -> str:
 
 @dataclass
 class RawLora:
-    """A LoRA file's tensors as stored, checked but not yet mapped onto a base."""
+    """A LoRA file's tensors as stored (read on access from a safetensors file), checked but not yet mapped onto a
+    base."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
     metadata: dict[str, str]
 
     @property
     def dtype(self) -> torch.dtype:
         """The factors' promoted dtype; scalar `.alpha` tensors (often float32 in fp16 files) do not count."""
-        factors = [t.dtype for t in self.tensors.values() if t.is_floating_point() and t.ndim >= 2]
+        if isinstance(self.tensors, StoredTensors):
+            entries = [self.tensors.file.entries[key] for key in self.tensors]
+            factors = [e.dtype for e in entries if e.dtype.is_floating_point and len(e.shape) >= 2]
+        else:
+            factors = [t.dtype for t in self.tensors.values() if t.is_floating_point() and t.ndim >= 2]
         return functools.reduce(torch.promote_types, factors)
 
 
 def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
     """Read and check a LoRA file: every problem found here is a one-line `LoraschedError`."""
-    tensors, metadata = read_tensors(path, allow_pickle)
+    tensors, metadata = open_tensors(path, allow_pickle)
     check_lora_tensors(path, tensors)
     extra = riders(tensors)  # embeddings need a tokenizer, not a LoRA loader: not merged
+    if isinstance(tensors, StoredTensors):
+        return RawLora(Path(path), tensors.without(extra), metadata)
     return RawLora(Path(path), {k: v for k, v in tensors.items() if k not in extra}, metadata)
 
 
@@ -230,42 +252,105 @@ def denoiser_prefix(keys) -> str | None:
     return PEFT_WRAPPER_PREFIX if all(k.startswith(PEFT_WRAPPER_PREFIX + ".") for k in keys) else None
 
 
-def _load(raw: RawLora, skeleton, adapter: str) -> None:
-    """Pipeline-level loading converts every pipeline-level key format; a file that adapts nothing that way holds
-    keys relative to the denoiser alone (saved from the bare UNet/transformer) and goes to the model's loader."""
-    config = adapter_config(raw)
-    if config is None:
-        skeleton.load_lora_weights(fold_kohya_alphas(raw.tensors), adapter_name=adapter, low_cpu_mem_usage=True)
-    else:  # from the path, so that diffusers applies the saved config (its alpha) itself
-        skeleton.load_lora_weights(str(raw.path), adapter_name=adapter, low_cpu_mem_usage=True)
-    if next(_adapted_layers(skeleton, adapter), None) is None:
-        denoiser = getattr(skeleton, denoiser_name(skeleton))
-        denoiser.load_lora_adapter(dict(raw.tensors), prefix=denoiser_prefix(raw.tensors), adapter_name=adapter,
-                                   metadata=config, low_cpu_mem_usage=True)
+@dataclass(frozen=True)
+class StoredFactor:
+    """A factor read from its file on each access as a load would hold it: folded with its kohya alpha, then cast
+    to its base layer's dtype (a widening, so exact)."""
+
+    file: TensorFile
+    key: str
+    fold: float | None
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.file.entries[self.key].shape)
+
+    def load(self) -> torch.Tensor:
+        tensor = self.file.read(self.key)
+        if self.fold is not None:
+            tensor.mul_(self.fold)
+        return tensor.to(self.dtype)
 
 
-def read_lora(raw: RawLora, skeleton, adapter: str) -> LoraFile:
-    """Map `raw` onto the skeleton pipeline as `adapter`; every module must exist in the base with its shape."""
-    path, dtype = raw.path, raw.dtype
-    with collected_loading_messages() as messages:
+class _Computed(Exception):
+    """diffusers' conversion computed on the values: it needs the real tensors."""
+
+
+def _stand_ins(raw: RawLora, folds: dict) -> tuple[dict, dict[int, str]]:
+    """The state dict diffusers is handed first: a meta tensor for each factor (scalars read), and which key each
+    stand-in is."""
+    tensors, alphas = raw.tensors, {alpha for alpha, _ in folds.values()}
+    state, origin = {}, {}
+    for key in tensors:
+        if key in alphas:
+            continue
+        if len(tensors.file.entries[key].shape) >= 2:
+            state[key] = tensors.file.meta(key)
+            origin[id(state[key])] = key
+        else:
+            state[key] = tensors[key]
+    return state, origin
+
+
+def _in_memory(raw: RawLora, folds: dict) -> dict:
+    """The real tensors, alphas folded into their downs (in the file's dtype) and dropped."""
+    alphas = {alpha for alpha, _ in folds.values()}
+    state = {key: raw.tensors[key] for key in raw.tensors if key not in alphas}
+    for down_key, (_, factor) in folds.items():
+        state[down_key] = state[down_key] * factor
+    return state
+
+
+def _modules(raw: RawLora, skeleton: Skeleton, adapter: str, stand_ins: bool) -> dict[str, LoraModule]:
+    folds = kohya_folds(raw.tensors)
+    state, origin = _stand_ins(raw, folds) if stand_ins else (_in_memory(raw, folds), {})
+    found = adapted(skeleton, state, adapter_config(raw), adapter, str(raw.path), denoiser_prefix(state))
+    if not stand_ins:
+        return {m.name: LoraModule(m.down.to(m.dtype), m.up.to(m.dtype), m.scale) for m in found}
+    modules = {}
+    for m in found:
+        keys = [origin.get(id(m.down)), origin.get(id(m.up))]
+        if None in keys:
+            raise _Computed(m.name)
+        down, up = (StoredFactor(raw.tensors.file, key, folds.get(key, (None, None))[1], m.dtype) for key in keys)
+        modules[m.name] = LoraModule(down, up, m.scale)
+    return modules
+
+
+def _read_modules(raw: RawLora, skeleton: Skeleton, adapter: str) -> dict[str, LoraModule]:
+    """Stand-ins first; the real tensors when the conversion computes on the values (it then builds tensors of its
+    own, or fails on a stand-in that has no data)."""
+    if isinstance(raw.tensors, StoredTensors):
         try:
-            _load(raw, skeleton, adapter)
+            return _modules(raw, skeleton, adapter, stand_ins=True)
+        except LoraschedError:  # keys or shapes: the real tensors would fail alike
+            raise
+        except Exception:  # noqa: BLE001 - any failure on stand-ins is retried on the real tensors
+            pass
+    return _modules(raw, skeleton, adapter, stand_ins=False)
+
+
+def read_lora(raw: RawLora, skeleton: Skeleton, adapter: str) -> LoraFile:
+    """Map `raw` onto the skeleton as loading it under the adapter name `adapter` would; every module must exist in
+    the base with its shape."""
+    with collected_loading_messages():
+        try:
+            modules = _read_modules(raw, skeleton, adapter)
         except LoraschedError:
             raise
-        except Exception as exc:  # diffusers/PEFT raise many types for a LoRA that does not fit
-            raise LoraschedError(f"{path}: does not fit this base model ({_reason(exc)})") from exc
-    unexpected = key_problems(messages)
-    if unexpected:
-        raise LoraschedError(f"{path}: keys that match no module of this base ({unexpected[0][:240]})")
-    modules = _read_back(path, skeleton, adapter)
+        except Exception as exc:  # diffusers raises many types for a LoRA that does not fit
+            raise LoraschedError(f"{raw.path}: does not fit this base model ({_reason(exc)})") from exc
     if not modules:
-        raise LoraschedError(f"{path}: no module of this base is adapted by it (a LoRA for another architecture?)")
-    return LoraFile(path=str(path), sha256=file_sha256(path), dtype=dtype, modules=modules, metadata=raw.metadata)
+        raise LoraschedError(f"{raw.path}: no module of this base is adapted by it (a LoRA for another "
+                             "architecture?)")
+    return LoraFile(path=str(raw.path), sha256=file_sha256(raw.path), dtype=raw.dtype, modules=modules,
+                    metadata=raw.metadata)
 
 
 def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -> LoraPair:
     """Both LoRAs checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
 
     raw_subject, raw_style = open_lora(subject, allow_pickle), open_lora(style, allow_pickle)
     skeleton = load_skeleton(base, torch.promote_types(raw_subject.dtype, raw_style.dtype))
@@ -273,9 +358,10 @@ def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -
         subject=read_lora(raw_subject, skeleton, SUBJECT),
         style=read_lora(raw_style, skeleton, STYLE),
         denoiser=denoiser_name(skeleton),
-        pipeline_class=type(skeleton).__name__,
-        single_text_encoder=getattr(skeleton, "text_encoder_2", None) is None,
-        sgm=SgmLayout.of(skeleton.unet.config) if isinstance(skeleton, StableDiffusionXLPipeline) else None,
+        pipeline_class=skeleton.pipeline_class,
+        single_text_encoder="text_encoder_2" not in skeleton.components,
+        sgm=SgmLayout.of(skeleton.unet.config) if issubclass(skeleton.loader, StableDiffusionXLLoraLoaderMixin)
+        else None,
     )
     if not pair.both_adapted:
         raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
