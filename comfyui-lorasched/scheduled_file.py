@@ -65,6 +65,8 @@ class Module:
 
 @dataclass(frozen=True)
 class ScheduledLora:
+    """A checked file: its schedule's time axis and every scheduled layer; `metadata` for messages."""
+
     path: str
     axis: str  # `progress` (p = n / N) or `noise` (q = 1 - t / T_train)
     modules: dict[str, Module]
