@@ -257,3 +257,35 @@ def save_sd_configs(folder: str | Path, version: str = "sd15") -> Path:
              "feature_extractor": [None, None]}
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+def save_tiny_vit(folder: str | Path, seed: int = 0) -> Path:
+    """A random ViT image embedder (DINO's architecture at 32 px) with its image processor, saved as a folder
+    usable as `--embedder` / `--dino`."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A random CLIP (image and text towers at 32 px / 32 wide, the character tokenizer) with its processor,
+    saved as a folder usable as `--clip`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tower = {"hidden_size": TEXT_WIDTH, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": 128, "max_position_embeddings": 77, "bos_token_id": 0,
+                     "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer()).save_pretrained(folder)
+    return Path(folder)

@@ -12,35 +12,68 @@ from pathlib import Path
 import torch
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import STYLE, SUBJECT, LoraPair
+from lorasched.merge.quiet import collected_loading_messages
 from lorasched.merge.rules.direct import DirectRule
+from PIL import Image
 
 from .online import OnlineRule
 
 DEFAULT_EMBEDDER = "facebook/dino-vits16"
 
 
-def load_embedder(name: str, device: str):
+def load_embedder(name: str, device: str, option: str = "--embedder"):
     """(image processor, model) loadable by transformers from a local folder or a hub id."""
     from transformers import AutoImageProcessor, AutoModel
 
     try:
-        processor = AutoImageProcessor.from_pretrained(name)
-        model = AutoModel.from_pretrained(name).to(device).eval()
+        with collected_loading_messages():
+            processor = AutoImageProcessor.from_pretrained(name)
+            model = AutoModel.from_pretrained(name).to(device).eval()
     except Exception as exc:  # missing folder, no network, not an image model
-        where = "cannot load an image model from this folder" if Path(name).exists() else (
-            "no such folder, and not loadable as a hub id")
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise LoraschedError(f"{name}: --embedder: {where} ({reason})") from exc
+        raise unloadable(name, option, exc, "an image model") from exc
+    if model.main_input_name != "pixel_values":  # e.g. a whole CLIP, which also needs text
+        raise LoraschedError(f"{name}: {option}: {type(model).__name__} is not an image-only model "
+                             f"(it takes {model.main_input_name}); give an image model such as {DEFAULT_EMBEDDER}")
     return processor, model
 
 
-def embed(processor, model, images) -> torch.Tensor:
-    """One vector per image: the pooled output when the model has one, else the first (CLS) token."""
-    inputs = processor(images=images, return_tensors="pt").to(model.device)
+def unloadable(name: str, option: str, exc: Exception, kind: str) -> LoraschedError:
+    """The one-line error for a model transformers cannot load from `name` (given as `option`)."""
+    where = f"cannot load {kind} from this folder" if Path(name).exists() else (
+        "no such folder, and not loadable as a hub id")
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return LoraschedError(f"{name}: {option}: {where} ({reason})")
+
+
+def evaluation_crop(image: Image.Image, size: int) -> Image.Image:
+    """DINO's evaluation view, which EST-LoRA's scripts use: the short side resized to size·256/224 (bilinear),
+    then the centre size × size crop (256 → 224 at DINO's own size)."""
+    image = image.convert("RGB")
+    short = round(size * 256 / 224)
+    scale = short / min(image.size)
+    width, height = max(short, round(image.width * scale)), max(short, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def embed(processor, model, images: list[Image.Image]) -> torch.Tensor:
+    """One vector per image: the last layer's CLS token for transformers (ViT, DINO), else the pooled output.
+
+    The CLS token is DINO's image embedding and what EST-LoRA compares; the `pooler` transformers puts on a
+    `ViTModel` is not part of DINO checkpoints (it would be freshly random). Models with a fixed input size see
+    the evaluation crop; the processor then only rescales and normalises.
+    """
+    size = getattr(model.config, "image_size", None)
+    if isinstance(size, int):
+        images = [evaluation_crop(image, size) for image in images]
+        inputs = processor(images=images, return_tensors="pt", do_resize=False)
+    else:
+        inputs = processor(images=images, return_tensors="pt")
     with torch.no_grad():
-        out = model(**inputs)
-    pooled = getattr(out, "pooler_output", None)
-    return (pooled if pooled is not None else out.last_hidden_state[:, 0]).float()
+        out = model(**inputs.to(model.device))
+    hidden = out.last_hidden_state
+    return (hidden[:, 0] if hidden.dim() == 3 else out.pooler_output.flatten(1)).float()
 
 
 def solo(pair: LoraPair, source: str) -> LoraPair:

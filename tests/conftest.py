@@ -68,3 +68,12 @@ def generate(pipe, steps: int, seed: int = 0) -> torch.Tensor:
         output_type="latent",
         generator=torch.Generator().manual_seed(seed),
     ).images
+
+
+@pytest.fixture(scope="session")
+def tiny_embedders(tmp_path_factory) -> tuple[Path, Path]:
+    """Folders of a random tiny CLIP and a random tiny ViT (DINO's architecture), usable as --clip / --dino."""
+    from lorasched.tiny import save_tiny_clip, save_tiny_vit
+
+    folder = tmp_path_factory.mktemp("embedders")
+    return save_tiny_clip(folder / "clip"), save_tiny_vit(folder / "dino")

@@ -214,15 +214,8 @@ def test_pictures_group_layers_by_block_and_split_many_layers_into_panels():
     assert block_of("transformer.single_transformer_blocks.7.proj_mlp") == ("single_transformer_blocks.7", "proj_mlp")
 
 
-def test_est_without_beta_measures_it_from_probe_images(tiny_base, kohya_pair, tmp_path):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    embedder = tmp_path / "tiny-vit"
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)
-    ViTModel(config).save_pretrained(embedder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(embedder)
+def test_est_without_beta_measures_it_from_probe_images(tiny_base, kohya_pair, tiny_embedders, tmp_path):
+    embedder = tiny_embedders[1]
     out = tmp_path / "est.safetensors"
     merged = run("merge", "--base", tiny_base, "--subject", kohya_pair[0], "--style", kohya_pair[1], "-o", out,
                  "--method", "est", "--embedder", embedder, "--prompts", "a photo of sks dog", "--steps", 4,
