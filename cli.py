@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import torch
+from lorasched.calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from lorasched.calibration.probes import DEFAULT_EMBEDDER
 from lorasched.merge import rules
 from lorasched.merge.errors import LoraschedError
@@ -48,6 +49,8 @@ def main() -> None:
               help="Ramp offset β; for est, β = 1 − probe similarity (default: measured from probe images).")
 @click.option("--gamma", "gamma_mode", type=click.Choice(["trimmed", "global"]), default="trimmed", show_default=True,
               help="K-LoRA balance γ: trimmed mean of per-layer L1 ratios (code) or ratio of sums (paper).")
+@click.option("--gamma-scale", type=float, default=1.0, show_default=True,
+              help="Multiply the pair's γ (klora, est, feature-kl): above 1 favours the style, below 1 the subject.")
 @click.option("--steps", type=int, default=30, show_default=True,
               help="Weight-only rules: reference step count for `inspect` (the file replays at any count). "
                    "feature-kl and est probes: denoising steps of each calibration pass.")
@@ -71,23 +74,42 @@ def main() -> None:
               show_default=True, help="Tensor names of the output: kohya (lora_unet_…) or diffusers (PEFT lora_A/B); "
                                       "auto: kohya for SD1.x/SDXL, diffusers for FLUX/SD3.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin/.pt inputs with torch.load(weights_only=True).")
+@click.option("--balance", type=click.Choice(["off", "auto"]), default="off", show_default=True,
+              help="auto: search β and the γ scale (feature-kl: the γ scale) on probe generations over --prompts × "
+                   "--seeds at --steps, keep the best harmonic mean of subject and style fidelity.")
+@click.option("--subject-images", help="--balance auto: subject reference image(s), a folder or one file.")
+@click.option("--style-images", help="--balance auto: style reference image(s), a folder or one file.")
+@click.option("--balance-betas", help="--balance auto: β grid, comma-separated (default: β − 0.25, β, β + 0.25).")
+@click.option("--balance-gamma-scales", help="--balance auto: γ scale grid, comma-separated (default: 0.5,1,2).")
+@click.option("--clip", default=DEFAULT_CLIP, show_default=True, help="--balance auto: CLIP model (folder or hub id).")
+@click.option("--dino", default=DEFAULT_DINO, show_default=True, help="--balance auto: DINO model (folder or hub id).")
 def merge(**params) -> None:
     """Merge two LoRAs into one scheduled LoRA file."""
     result = _merge(**params)
     if result is None:  # a process of a launch other than the main one: the main one reports
         return
     click.echo(_wrote(result))
+    if result.search is not None:
+        click.echo(_searched(result.search))
 
 
-def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps, device, dtype, output, prompts,
-           seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder, tensor_format,
-           allow_pickle, group=None):
+def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, gamma_scale, steps, device, dtype, output,
+           prompts, seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder, tensor_format,
+           allow_pickle, balance, subject_images, style_images, balance_betas, balance_gamma_scales, clip, dino,
+           group=None):
     """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`)."""
-    from lorasched.convert import Calibration
+    from lorasched.convert import Balance, Calibration
     from lorasched.convert import merge as run_merge
-    from lorasched.merge.checks import parse_seeds
+    from lorasched.merge.checks import parse_floats, parse_seeds
 
-    options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode, temperature=temperature)
+    options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode, temperature=temperature,
+                                gamma_scale=gamma_scale)
+    searched = None
+    if balance == "auto":
+        searched = Balance(subject_images, style_images, parse_floats(balance_betas, "--balance-betas"),
+                           parse_floats(balance_gamma_scales, "--balance-gamma-scales"), clip, dino)
+    elif subject_images or style_images or balance_betas or balance_gamma_scales:
+        raise LoraschedError("--subject-images, --style-images and the --balance-… grids need --balance auto")
     calibration = Calibration(
         prompts=prompts, seeds=parse_seeds(seeds), guidance=guidance, size=resolution, batch_size=batch_size,
         log=log_path, min_run=min_run, embedder=embedder,
@@ -97,6 +119,7 @@ def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, steps
         steps=steps, device=device, dtype=DTYPES[dtype], calibration=calibration, progress=_bar("scoring"),
         tensor_format=None if tensor_format == "auto" else tensor_format, allow_pickle=allow_pickle,
         bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None), group=group,
+        balance=searched, search_bar=lambda total: tqdm(total=total, desc="balancing", unit="image", disable=None),
     )
 
 
@@ -104,6 +127,14 @@ def _wrote(result) -> str:
     switching = sum(1 for phases in result.schedule.layers.values() if len(phases) > 1)
     return (f"wrote {result.output}: {result.method}, {result.both_adapted} both-adapted layers "
             f"({switching} switch during denoising), {len(result.schedule.layers)} modules in all")
+
+
+def _searched(search) -> str:
+    from lorasched.merge.report import knobs
+
+    return (f"balance auto: {knobs(search.record()['chosen'])} of {len(search.scores)} candidates (best harmonic "
+            f"mean of CLIP subject and style fidelity); {search.generated} probe images made, {search.resumed} "
+            f"read from {search.log}")
 
 
 def _merge_row(row):
@@ -210,6 +241,40 @@ def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device
         click.echo(f"error: {path}: agreement {result.agreement:.2%} is below --min-agreement "
                    f"{min_agreement:.2%}", err=True)
         sys.exit(1)
+
+
+@main.command("eval", cls=Command)
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--base", required=True, help="Base pipeline with weights: a diffusers folder or a hub id.")
+@click.option("--subject-images", required=True, help="Subject reference image(s): a folder or one file.")
+@click.option("--style-images", required=True, help="Style reference image(s): a folder or one file.")
+@click.option("--prompts", multiple=True, required=True, help="Prompt, or a .txt file with one per line (repeatable).")
+@click.option("--seeds", default="0,1", show_default=True, help="Seeds, comma-separated.")
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--resolution", type=int, help="Image size in pixels (default: the pipeline's).")
+@click.option("--clip", default=DEFAULT_CLIP, show_default=True, help="CLIP model: a folder or a hub id.")
+@click.option("--dino", default=DEFAULT_DINO, show_default=True, help="DINO model: a folder or a hub id.")
+@click.option("--mode", type=click.Choice(["fused", "unfused"]), default="fused", show_default=True,
+              help="Replay mode of `attach`.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--report", "report_dir", help="Folder to write eval.json, eval.csv and contact_sheet.png into.")
+def eval_files(paths, base, subject_images, style_images, prompts, seeds, steps, guidance, resolution, clip, dino,
+               mode, device, report_dir) -> None:
+    """Generate with each scheduled file and print its subject fidelity, style fidelity, text alignment, their
+    means and the time per image, side by side (CLIP and DINO cosines, as the papers measure them)."""
+    from lorasched.convert import evaluate_files
+    from lorasched.merge.checks import parse_seeds
+
+    result = evaluate_files(
+        paths, base, subject_images, style_images, prompts, parse_seeds(seeds), steps, guidance, resolution, clip,
+        dino, mode, device, report_dir,
+        bar=lambda total: tqdm(total=total, desc="generating", unit="image", disable=None),
+    )
+    for line in result.lines():
+        click.echo(line)
+    if report_dir:
+        click.echo(f"wrote {report_dir}/eval.json, eval.csv and contact_sheet.png")
 
 
 if __name__ == "__main__":

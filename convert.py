@@ -11,6 +11,8 @@ import torch
 
 from .calibration import distributed
 from .calibration.distributed import Group
+from .calibration.evaluate import EvalResult
+from .calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from .calibration.probes import DEFAULT_EMBEDDER
 from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
@@ -27,6 +29,7 @@ class MergeResult:
     schedule: Schedule
     params: dict
     both_adapted: int
+    search: object | None = None  # calibration.balance.Search of `--balance auto`
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,34 @@ class Calibration:
         check_size(self.size)
 
 
+@dataclass(frozen=True)
+class Balance:
+    """`--balance auto`: the reference images the search scores against, its grid (None: the method's default,
+    see calibration/balance.py) and the embedders that score."""
+
+    subject_images: str | None
+    style_images: str | None
+    betas: tuple[float, ...] | None = None
+    gamma_scales: tuple[float, ...] | None = None
+    clip: str = DEFAULT_CLIP
+    dino: str = DEFAULT_DINO
+
+    def check(self, method: str, options: rules.RuleOptions, group: Group) -> None:
+        from .calibration.balance import grid
+
+        if method == "direct":
+            raise LoraschedError("--balance auto: direct has no balance knob (use klora, est or feature-kl)")
+        if not (self.subject_images and self.style_images):
+            raise LoraschedError("--balance auto: give --subject-images and --style-images (what the search scores "
+                                 "against)")
+        if options.gamma_scale != 1.0:
+            raise LoraschedError("--balance auto sets the γ scale itself; give --balance-gamma-scales for its grid "
+                                 "instead of --gamma-scale")
+        if group.size > 1:
+            raise LoraschedError("--balance auto: runs in one process; start it without a launcher")
+        grid(None if method in rules.CALIBRATED else 0.0, self.betas, self.gamma_scales)
+
+
 def merge(
     base: str,
     subject: str,
@@ -69,6 +100,8 @@ def merge(
     progress=iter,
     bar=None,
     group: Group | None = None,
+    balance: Balance | None = None,
+    search_bar=None,
 ) -> MergeResult | None:
     """Read, score (or calibrate), schedule and export.
 
@@ -79,13 +112,18 @@ def merge(
     Weight-only rules: `steps` is the reference step count `inspect` shows. feature-kl, and EST without β:
     `steps` is the step count of the calibration (or probe) passes, run on the base pipeline with its weights;
     `bar(total)` makes the progress bar of the calibration runs.
+
+    `balance`: first search the method's balance knob on probe generations scored against reference images
+    (calibration/balance.py; `search_bar(total)` makes its progress bar, per image), then merge with the best.
     """
     group = group or distributed.current()
     check_steps(steps)
     rules.validate(method, options)
     calibration.check()
     check_paths(subject, style, output)
-    needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None)
+    if balance is not None:
+        balance.check(method, options, group)
+    needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None) or balance is not None
     if not (group.is_main or method in rules.CALIBRATED):
         return None  # under a launcher, only feature-kl calibration is shared; the main process does the rest
     pair = read_pair(base, subject, style, allow_pickle)
@@ -97,11 +135,21 @@ def merge(
         prompts = tuple(read_prompts(calibration.prompts) or trigger_prompts(pair))
         pipe = load_pipeline(base, device)
         size = calibration.size or default_size(pipe)
+    search = None
     if method in rules.CALIBRATED:
+        if balance is not None:
+            from .calibration.balance import feature_kl_knob
+
+            knob = feature_kl_knob(pipe, pair, options.temperature)
+            search = _search_balance(pipe, pair, method, base, balance, knob, prompts, calibration, steps, size,
+                                     output, device, search_bar)
+            options = replace(options, gamma_scale=search.chosen.gamma_scale)
         calibrated = _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar, group)
         if calibrated is None:
             return None
         schedule, params = calibrated
+        if search is not None:
+            params["balance"] = search.record()
         scores = {}
     else:
         probe = None
@@ -111,6 +159,13 @@ def merge(
             probe = probe_beta(pipe, pair, prompts[0], calibration.embedder, steps, calibration.guidance, size)
             options = replace(options, beta=probe["beta"])
         rule, params = rules.build(method, pair, options, device, progress)
+        if balance is not None:
+            from .calibration.balance import switch_knob
+
+            search = _search_balance(pipe, pair, method, base, balance, switch_knob(rule, params), prompts,
+                                     calibration, steps, size, output, device, search_bar)
+            rule, params = rules.rebalance(rule, params, search.chosen.beta, search.chosen.gamma_scale)
+            params["balance"] = search.record()
         if probe is not None:
             params["beta_source"] = probe
         params["steps"] = steps
@@ -118,7 +173,7 @@ def merge(
         scores = getattr(rule, "scores", {})
     export.export(output, pair, schedule, method=method, params=params, scores=scores, dtype=dtype,
                   tensor_format=tensor_format)
-    return MergeResult(Path(output), method, schedule, params, len(pair.both_adapted))
+    return MergeResult(Path(output), method, schedule, params, len(pair.both_adapted), search)
 
 
 def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar,
@@ -138,8 +193,9 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
         height=size,
         width=size,
         pair=(pair.subject.sha256, pair.style.sha256),
-        base=str(Path(base).resolve()) if Path(base).exists() else base,
+        base=_base_id(base),
         temperature=options.temperature,
+        gamma_scale=options.gamma_scale,
     )
     log_path = Path(calibration.log or f"{output}.calibration.jsonl")
     progress_bar = bar(len(settings.runs()) * steps) if bar and group.is_main else None
@@ -154,7 +210,8 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
     schedule = aggregate(log, pair, calibration.min_run)
     shares = [share for values in schedule.agreement.values() for share in values]
     params = {
-        "gamma": log.gamma,
+        "gamma": log.gamma * options.gamma_scale,
+        "gamma_scale": options.gamma_scale,
         "temperature": options.temperature,
         "steps": steps,
         "calibration": {
@@ -169,6 +226,68 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
         },
     }
     return schedule, params
+
+
+def _base_id(base: str) -> str:
+    """The base as logs record it: a resolved folder, or the hub id."""
+    return str(Path(base).resolve()) if Path(base).exists() else base
+
+
+def _search_balance(pipe, pair, method, base, balance: Balance, knob, prompts, calibration: Calibration, steps,
+                    size, output, device, bar):
+    """`--balance auto`: the search over the method's balance `knob`, on the calibration's prompts, seeds,
+    guidance and size, logged next to the output (an interrupted search resumes)."""
+    from .calibration.balance import SearchSettings, grid, search
+    from .calibration.metrics import load_judge
+
+    judge = load_judge(balance.clip, balance.dino, balance.subject_images, balance.style_images, device)
+    settings = SearchSettings(
+        method=method, candidates=grid(knob.beta, balance.betas, balance.gamma_scales), prompts=tuple(prompts),
+        seeds=calibration.seeds, steps=steps, guidance=calibration.guidance, size=size,
+        pair=(pair.subject.sha256, pair.style.sha256), references=(judge.subject.sha256, judge.style.sha256),
+        clip=balance.clip, dino=balance.dino, base=_base_id(base), rule=knob.fixed,
+    )
+    progress = bar(len(settings.runs())) if bar else None
+    try:
+        return search(pipe, pair, settings, judge, Path(f"{output}.balance.jsonl"), knob, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def evaluate_files(paths, base: str, subject_images: str, style_images: str, prompts, seeds, steps: int,
+                   guidance: float, size: int | None, clip: str = DEFAULT_CLIP, dino: str = DEFAULT_DINO,
+                   mode: str = "fused", device: str = "auto", report_dir: str | None = None, bar=None) -> EvalResult:
+    """`lorasched eval`: check the files and arguments, read the references, load the embedders and the base
+    with its weights, generate with each file and score; write the report folder when asked."""
+    from .calibration.evaluate import evaluate, write_report
+    from .calibration.metrics import load_judge
+    from .calibration.pipeline import default_size, load_pipeline
+    from .calibration.prompts import read_prompts
+
+    for path in paths:
+        read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
+        fileformat.read(path)
+    check_steps(steps)
+    check_size(size)
+    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
+        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
+    prompts = read_prompts(tuple(prompts))
+    if not prompts:
+        raise LoraschedError("eval needs at least one prompt (--prompts)")
+    device = pick_device(device)
+    judge = load_judge(clip, dino, subject_images, style_images, device)
+    pipe = load_pipeline(base, device)
+    size = size or default_size(pipe)
+    progress = bar(len(paths) * len(prompts) * len(seeds)) if bar else None
+    try:
+        result = evaluate(pipe, list(paths), judge, prompts, list(seeds), steps, guidance, size, mode, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if report_dir is not None:
+        write_report(result, report_dir)
+    return result
 
 
 def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,

@@ -39,6 +39,7 @@ class Settings:
     pair: tuple[str, str]  # sha256 of the subject and style files
     base: str = ""  # the base pipeline (resolved folder or hub id)
     temperature: float = 1.0  # feature-kl's softmax temperature
+    gamma_scale: float = 1.0  # feature-kl: the rule decides with the balance run's γ times this
 
     def runs(self) -> list[tuple[str, int]]:
         return [(prompt, seed) for seed in self.seeds for prompt in self.prompts]
@@ -128,7 +129,9 @@ class Runner:
         return records
 
 
-def _append(path: Path, records: list[dict]) -> None:
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append JSON lines and make them durable before going on: an interruption loses at most the line being
+    written, which `read_log` drops."""
     with open(path, "a") as handle:
         handle.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
         handle.flush()
@@ -191,7 +194,8 @@ def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_
     log = _together(group, lambda: _open_log(pipe, pair, rule, settings, path) if group.is_main else None)
     log = log or read_log(path)
     if isinstance(rule, FeatureKLRule):
-        rule = FeatureKLRule(gamma=log.gamma, temperature=rule.temperature)
+        gamma = None if log.gamma is None else log.gamma * settings.gamma_scale
+        rule = FeatureKLRule(gamma=gamma, temperature=rule.temperature)
     done = log.done() | {(run["prompt"], run["seed"]) for shard in _shards(path) for run in _shard_runs(shard, settings)}
     if bar is not None:
         bar.update(len(done) * settings.steps)
@@ -203,7 +207,7 @@ def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_
             target.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
         for prompts, seed in group.share(_batches(settings, done, batch_size)):
             records = runner.run(rule, prompts, seed)
-            _append(target, records)
+            append_records(target, records)
             if group.size == 1:
                 log.runs.extend(records)
 
@@ -239,7 +243,7 @@ def _fold_shards(path: Path, log: Log) -> Log:
     found = {(run["prompt"], run["seed"]): run for shard in shards for run in _shard_runs(shard, log.settings)}
     done = log.done()
     new = [found[key] for key in log.settings.runs() if key in found and key not in done]
-    _append(path, new)
+    append_records(path, new)
     log.runs.extend(new)
     for shard in shards:
         shard.unlink()

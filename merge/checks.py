@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,3 +53,16 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds or min(seeds) < 0:
         raise LoraschedError(f"--seeds {text!r}: give one or more non-negative integers, e.g. 0,1,2,3")
     return seeds
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """`0.25,0.5,1` -> (0.25, 0.5, 1.0); None or empty: None (the default)."""
+    if not text or not text.strip():
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LoraschedError(f"{option} {text!r}: give numbers separated by commas, e.g. 0.5,1,2") from None
+    if not all(math.isfinite(value) for value in values):
+        raise LoraschedError(f"{option} {text!r}: every value must be a finite number")
+    return values

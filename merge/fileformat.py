@@ -182,6 +182,7 @@ METHOD_PARAMS = {"klora": ("alpha", "beta", "gamma"), "est": ("alpha", "beta", "
 NESTED_PARAMS = {  # what inspect shows of them
     "calibration": ("prompts", "seeds", "guidance", "size", "mean_agreement", "log"),
     "beta_source": ("similarity", "embedder", "prompt", "seed", "steps"),
+    "balance": ("objective", "candidates", "chosen", "prompts", "seeds", "steps", "size", "clip", "dino", "log"),
 }
 SOURCE_NAMES = ("subject", "style")
 TENSOR_FORMATS = ("kohya", "diffusers")
@@ -225,11 +226,33 @@ class _Checker:
                 self.fail(KEY_PARAMS, f"needs a finite number {name!r} for {method} (has {params.get(name)!r})")
         if "steps" in params and not (isinstance(params["steps"], int) and params["steps"] >= 1):
             self.fail(KEY_PARAMS, f"has steps {params['steps']!r}, not a positive integer")
+        if "gamma_scale" in params and not (_finite(params["gamma_scale"]) and params["gamma_scale"] > 0):
+            self.fail(KEY_PARAMS, f"has gamma_scale {params['gamma_scale']!r}, not a positive number")
         for name, fields in NESTED_PARAMS.items():
             if name in params and not (isinstance(params[name], dict) and set(fields) <= set(params[name])):
                 if params[name] != "given":
                     self.fail(KEY_PARAMS, f"has a {name} without its fields ({', '.join(fields)})")
+        if "balance" in params:
+            self.balance(params["balance"])
         return params
+
+    def balance(self, search: dict) -> None:
+        """A `--balance auto` record: candidates with their knob values and finite scores, one of them chosen."""
+        if not isinstance(search, dict):
+            self.fail(KEY_PARAMS, f"has balance {search!r}, not a search record")
+        candidates = search["candidates"]
+        if not (isinstance(candidates, list) and candidates and all(isinstance(c, dict) for c in candidates)):
+            self.fail(KEY_PARAMS, "has balance candidates that are not a list of {beta, gamma_scale, scores}")
+        knobs = [(c.get("beta"), c.get("gamma_scale")) for c in candidates]
+        for (beta, scale), candidate in zip(knobs, candidates):
+            scores = candidate.get("scores")
+            if not ((beta is None or _finite(beta)) and _finite(scale) and isinstance(scores, dict) and scores
+                    and all(_finite(value) for value in scores.values())):
+                self.fail(KEY_PARAMS, f"has balance candidate beta={beta!r} gamma_scale={scale!r} without finite "
+                                      "knobs and scores")
+        chosen = search["chosen"]
+        if not (isinstance(chosen, dict) and (chosen.get("beta"), chosen.get("gamma_scale")) in knobs):
+            self.fail(KEY_PARAMS, f"has balance chosen {chosen!r}, which is none of its candidates")
 
     def sources(self) -> dict:
         sources = self.json(KEY_SOURCES, dict)

@@ -33,6 +33,7 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
     steps = int(params.pop("steps", 30))
     calibration = params.pop("calibration", None)
     probe = params.pop("beta_source", None)
+    search = params.pop("balance", None)
     setting = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     switching = sum(1 for phases in schedule.layers.values() if len(phases) > 1)
     size_mb = os.path.getsize(scheduled.path) / 2**20
@@ -49,6 +50,8 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
             f"{calibration['size']} px, guidance {calibration['guidance']:g}; mean agreement "
             f"{calibration['mean_agreement']:.1%}; log {calibration['log']}"
         )
+    if search:
+        lines += balance_lines(search)
     for role, source in sorted(scheduled.sources.items(), reverse=True):
         lines.append(f"{role:<11} {source['file']}  sha256 {source['sha256'][:12]}  {source['dtype']}")
     axis = (f"step numbers below are for {steps} steps" if schedule.axis == AXIS_PROGRESS
@@ -56,6 +59,36 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
     lines.append(
         f"layers      {len(schedule.layers)} ({switching} switch, {len(schedule.layers) - switching} constant); {axis}"
     )
+    return lines
+
+
+OBJECTIVES = {"harmonic_clip": "harmonic mean of CLIP subject and style fidelity"}
+
+
+def knobs(candidate: dict) -> str:
+    """`β=0.5 γ×2` (feature-kl: `γ×2`): a balance candidate's setting."""
+    beta = "" if candidate.get("beta") is None else f"β={candidate['beta']:.4g} "
+    return f"{beta}γ×{candidate['gamma_scale']:g}"
+
+
+def balance_lines(search: dict) -> list[str]:
+    """The `--balance auto` search: its probes, each candidate's scores, and the one chosen (marked *)."""
+    chosen = search["chosen"]
+    objective = OBJECTIVES.get(search["objective"], search["objective"])
+    summary = (f"balance     auto: {knobs(chosen)} of {len(search['candidates'])} candidates, best {objective}, on "
+               f"{len(search['prompts'])} prompt(s) × seeds {search['seeds']}, {search['steps']} steps, "
+               f"{search['size']} px; CLIP {search['clip']}, DINO {search['dino']}; log {search['log']}")
+    header = (f"{'':14}{'candidate':<16}{'subject CLIP':>13}{'style CLIP':>12}{'harmonic':>10}{'subject DINO':>14}"
+              f"{'style DINO':>12}")
+    lines = [summary, header]
+    for candidate in search["candidates"]:
+        scores = candidate["scores"]
+        mark = "*" if all(candidate.get(k) == chosen.get(k) for k in ("beta", "gamma_scale")) else " "
+        lines.append(
+            f"{'':12}{mark} {knobs(candidate):<16}{scores.get('subject_clip', math.nan):>13.4f}"
+            f"{scores.get('style_clip', math.nan):>12.4f}{scores.get('harmonic_clip', math.nan):>10.4f}"
+            f"{scores.get('subject_dino', math.nan):>14.4f}{scores.get('style_dino', math.nan):>12.4f}"
+        )
     return lines
 
 

@@ -24,6 +24,7 @@ class RuleOptions:
     beta: float | None = None
     gamma: str = "trimmed"
     temperature: float = 1.0  # feature-kl softmax temperature
+    gamma_scale: float = 1.0  # multiplies the pair's γ: above 1 favours the style, below 1 the subject
 
 
 def validate(method: str, options: RuleOptions) -> None:
@@ -38,6 +39,10 @@ def validate(method: str, options: RuleOptions) -> None:
             raise LoraschedError(f"--{name} {value}: must be a finite number")
     if method == "feature-kl" and not options.temperature > 0:
         raise LoraschedError(f"--temperature {options.temperature}: must be positive")
+    if not (math.isfinite(options.gamma_scale) and options.gamma_scale > 0):
+        raise LoraschedError(f"--gamma-scale {options.gamma_scale}: must be a positive finite number")
+    if method == "direct" and options.gamma_scale != 1.0:
+        raise LoraschedError("--gamma-scale: direct has no balance γ to scale")
 
 
 def build(method: str, pair: LoraPair, options: RuleOptions, device: str | None = None, progress=iter):
@@ -59,7 +64,14 @@ def build(method: str, pair: LoraPair, options: RuleOptions, device: str | None 
     else:
         return direct.DirectRule(), {}
     params.update(alpha=rule.ramp.alpha, beta=rule.ramp.beta, gamma=rule.gamma)
-    return rule, params
+    return rebalance(rule, params, rule.ramp.beta, options.gamma_scale)
+
+
+def rebalance(rule: SwitchRule, params: dict, beta: float, gamma_scale: float) -> tuple[SwitchRule, dict]:
+    """The same scores under another balance: ramp offset β, and the pair's own γ times `gamma_scale` (what
+    `--gamma-scale` sets and `--balance auto` searches). The params record the γ the rule uses, and the scale."""
+    gamma = params["gamma"] / params.get("gamma_scale", 1.0) * gamma_scale
+    return rule.balanced(beta, gamma), {**params, "beta": beta, "gamma": gamma, "gamma_scale": gamma_scale}
 
 
 def from_file(method: str, params: dict, modules: dict[str, dict]):

@@ -7,7 +7,7 @@ weights and progress, so each layer's schedule follows in closed form (see `phas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..lora import STYLE, SUBJECT
 from .ramp import Ramp
@@ -40,6 +40,10 @@ class SwitchRule:
         """The online decision at progress p, exactly as the formula reads (ties go to style)."""
         score_c, score_s = self.scores[module]
         return SUBJECT if score_c / self.gamma > score_s * self.ramp(p) else STYLE
+
+    def balanced(self, beta: float, gamma: float) -> SwitchRule:
+        """The same scores with ramp offset β and balance γ (the two knobs that trade subject for style)."""
+        return replace(self, gamma=gamma, ramp=replace(self.ramp, beta=beta))
 
     def phases(self, module: str) -> list[tuple[float, str]]:
         """Closed form of `choose` over p in [0, 1): (start, source) pairs, merged where the source repeats."""
