@@ -137,16 +137,18 @@ def flux_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
 
 
 def _merge(base: Path, pair: tuple[Path, Path], output: Path, method: str = "klora", **options) -> Path:
-    """`lorasched merge` on CPU, K-LoRA by default."""
+    """`lorasched merge` on CPU, K-LoRA by default, in the architecture's default tensor format unless given."""
     calibration = options.pop("calibration", Calibration())
+    tensor_format = options.pop("tensor_format", None)
     merge(str(base), *map(str, pair), str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
-          device="cpu", calibration=calibration)
+          device="cpu", calibration=calibration, tensor_format=tensor_format)
     return output
 
 
 def make_sd_world(folder: Path) -> SimpleNamespace:
     """The tiny SD pipeline, a kohya subject/style pair with text-encoder parts (the style over other modules
-    too), and three lorasched files: K-LoRA `s`, K-LoRA `s*`, and feature-kl (calibrated, noise axis)."""
+    too), and lorasched files: K-LoRA `s`, K-LoRA `s*`, feature-kl (calibrated, noise axis), and K-LoRA `s` in the
+    diffusers tensor format (`--format diffusers`)."""
     pipe = tiny_sd_pipeline()
     pipe.save_pretrained(folder / "base")
     pair = folder / "subject.safetensors", folder / "style.safetensors"
@@ -159,6 +161,8 @@ def make_sd_world(folder: Path) -> SimpleNamespace:
         "klora-s*": _merge(folder / "base", pair, folder / "klora_sstar.safetensors", pattern="s*"),
         "feature-kl": _merge(folder / "base", pair, folder / "feature_kl.safetensors", "feature-kl",
                              calibration=calibration),
+        "klora-s diffusers": _merge(folder / "base", pair, folder / "klora_s_diffusers.safetensors", pattern="s",
+                                    tensor_format="diffusers"),
     }
     return SimpleNamespace(pipe=pipe, pair=pair, files=files, folder=folder)
 
