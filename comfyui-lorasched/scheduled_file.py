@@ -113,7 +113,8 @@ def _phases(path: str, name: str, raw) -> Phases:
         raise error(path, f"schedule of {name} must start at 0 and be sorted, got {list(phases)}")
     unknown = {source for _, source in phases} - set(ACTIVE)
     if unknown:
-        raise error(path, f"schedule of {name} uses unknown source(s) {sorted(unknown)}; expected one of {list(ACTIVE)}")
+        raise error(path, f"schedule of {name} uses unknown source(s) {sorted(unknown)}; "
+                          f"expected one of {list(ACTIVE)}")
     return phases
 
 

@@ -33,7 +33,8 @@ import nodes  # noqa: E402
 sys.argv = _argv
 torch.set_num_threads(1)  # tiny models gain nothing from intra-op threads; a shared 2-core host loses a lot
 
-from worlds import comfy_clip, comfy_flux, comfy_unet, make_flux_world, make_sd_world, make_sdxl_world  # noqa: E402,E501
+from worlds import (comfy_clip, comfy_flux, comfy_unet, make_flux_world, make_sd_world,  # noqa: E402
+                    make_sdxl_world)
 
 
 @pytest.fixture(scope="session")
