@@ -60,7 +60,7 @@ class OnlineRule:
     def __init__(self, pipe, pair: LoraPair, rule, record: bool = False, samples: int | None = None) -> None:
         self.pipe, self.pair, self.rule, self.record, self.samples = pipe, pair, rule, record, samples
         self.decided = set(pair.both_adapted)
-        self.clock = Clock(pipe.scheduler)
+        self.clock = Clock.of(pipe)
         self.call: Call | None = None
         self.calls: list[Call] = []
         self._handles: list = []

@@ -11,22 +11,35 @@ import torch
 from .schedule import AXES, AXIS_PROGRESS
 
 
+def timestep_scale(pipe) -> float:
+    """What a denoiser call's timestep must be multiplied by to be on the scheduler's scale: FLUX pipelines hand
+    their transformer timestep / 1000 (read from the denoiser's class, since t = 1 is both FLUX's first call and
+    the last timestep of an unshifted flow schedule)."""
+    denoiser = getattr(pipe, "transformer", None)
+    return 1000.0 if type(denoiser).__name__.startswith("Flux") else 1.0
+
+
 class Clock:
     """Where a denoiser call sits on a schedule's time axis, read from the `timestep` it is called with.
 
-    `progress`: the position of the timestep among the scheduler's distinct timesteps, n / N (second-order
-    schedulers that call twice per step, and img2img runs that start late, map to the same p as a full run).
-    `noise`: 1 − t / T_train, independent of the step count and spacing. Transformers that receive timestep / 1000
-    (FLUX) are matched on the scheduler's scale too.
+    `progress`: the position of the timestep among the scheduler's distinct timesteps, n / N (img2img runs that
+    start late map to the same p as a full run; second-order schedulers read the p of the timestep of each call).
+    `noise`: 1 − t / T_train, independent of the step count and spacing. `scale` brings the call's timestep to the
+    scheduler's scale (see `timestep_scale`).
     """
 
-    def __init__(self, scheduler, axis: str = AXIS_PROGRESS) -> None:
+    def __init__(self, scheduler, axis: str = AXIS_PROGRESS, scale: float = 1.0) -> None:
         if axis not in AXES:
             raise ValueError(f"unknown time axis {axis!r}")
-        self.scheduler, self.axis = scheduler, axis
+        self.scheduler, self.axis, self.scale = scheduler, axis, scale
         self.train_steps = float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
         self._source = None
         self._values: list[float] = []
+
+    @classmethod
+    def of(cls, pipe, axis: str = AXIS_PROGRESS) -> Clock:
+        """The clock of a pipeline's denoiser calls."""
+        return cls(pipe.scheduler, axis, timestep_scale(pipe))
 
     def _distinct(self) -> list[float]:
         timesteps = self.scheduler.timesteps
@@ -38,18 +51,13 @@ class Clock:
 
     def timestep(self, timestep) -> float:
         """The call's timestep on the scheduler's scale."""
-        values = self._distinct()
-        if not values:
-            raise RuntimeError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if max(values) > 1.5 >= t:  # t / 1000 (FLUX), or simply a late timestep such as 1: the closer one wins
-            scaled = t * 1000.0
-            if min(abs(v - scaled) for v in values) < min(abs(v - t) for v in values):
-                return scaled
-        return t
+        return t * self.scale
 
     def progress(self, t: float) -> float:
         values = self._distinct()
+        if not values:
+            raise RuntimeError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
         return min((abs(v - t), i) for i, v in enumerate(values))[1] / len(values)
 
     def noise(self, t: float) -> float:

@@ -142,7 +142,7 @@ class ReplayHandle:
             self._undo()
             raise
         self.change_points = sorted({start for track in self.tracks for start in track.starts[1:]})
-        self.clock = Clock(pipe.scheduler, self.schedule.axis)
+        self.clock = Clock.of(pipe, self.schedule.axis)
         self._segment: int | None = None
         self._last_p = -1.0
         denoiser = getattr(pipe, denoiser_name(pipe))

@@ -250,7 +250,7 @@ def test_the_replay_clock_reads_each_transformers_timestep(architecture):
     Step n of N must read as progress n / N, and the noise axis must run from pure noise (0) towards clean (1)."""
     pipe = ARCHITECTURES[architecture]()
     pipe.set_progress_bar_config(disable=True)
-    clocks = Clock(pipe.scheduler), Clock(pipe.scheduler, axis="noise")
+    clocks = Clock.of(pipe), Clock.of(pipe, axis="noise")
     seen = []
 
     def record(module, args, kwargs):

@@ -46,12 +46,22 @@ def test_every_call_reads_its_step_and_noise_level(family, steps):
     assert [noise(t) for t in calls] == pytest.approx([min(max(1 - float(t) / train, 0.0), 1.0) for t in calls])
 
 
-def test_a_transformer_timestep_divided_by_1000_reads_the_same():
-    """FLUX pipelines hand the transformer timestep / 1000; SD/SDXL end on timesteps as small as 1."""
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    scheduler.set_timesteps(12)
-    clock = Clock(scheduler)
-    assert [clock(t / 1000) for t in scheduler.timesteps] == [clock(t) for t in scheduler.timesteps]
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_a_flux_transformer_timestep_divided_by_1000_reads_the_same(shift):
+    """FLUX pipelines hand the transformer timestep / 1000. Unshifted, the schedule ends on t = 1, the value of
+    FLUX's first call: the pipeline's denoiser class, not the value, says which scale a call is on."""
+    from lorasched.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    pipe.scheduler.set_timesteps(12)
+    clock, reference = Clock.of(pipe), Clock(pipe.scheduler)
+    assert clock.scale == 1000.0 and float(pipe.scheduler.timesteps[-1]) >= 1.0
+    assert [clock(t / 1000) for t in pipe.scheduler.timesteps] == [reference(t) for t in pipe.scheduler.timesteps]
+    assert [clock(t / 1000) for t in pipe.scheduler.timesteps] == [n / 12 for n in range(12)]
+
+
+def test_an_sd_run_that_ends_on_timestep_1_reads_its_last_step():
     euler = EulerDiscreteScheduler(**SD, steps_offset=1, timestep_spacing="leading")
     euler.set_timesteps(1000)
     assert float(euler.timesteps[-1]) == 1.0 and Clock(euler)(euler.timesteps[-1]) == 999 / 1000

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import pack_module
 from lorasched.merge import fileformat
-from lorasched.merge.clock import Clock
+from lorasched.merge.clock import Clock, timestep_scale
 from reference import reference_sample, sample, step_times
 from worlds import KLORA_STEPS, flux_conditioning, sd_conditioning, sdxl_conditioning
 
@@ -102,11 +102,8 @@ def test_noise_axis_reads_lorasched_clock_value(request, node, world):
     noise_levels = pack_module("replay").noise_levels
     pipe = getattr(request.getfixturevalue(world), "pipe")
     model_sampling = request.getfixturevalue(f"{world}_model")().get_model_object("model_sampling")
-    # FLUX shifted as FLUX.1-dev's schedule is: unshifted, it ends at t = 1, which lorasched's Clock cannot tell
-    # from FLUX's first call (t / 1000 = 1) and reads as the last step (a Clock issue, not this node's mapping)
-    shift = {"shift": 3.0} if world == "flux" else {}
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **shift)
-    clock = Clock(scheduler, "noise")
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    clock = Clock(scheduler, "noise", timestep_scale(pipe))
     scheduler.set_timesteps(12)
     sigmas = scheduler.sigmas[:-1].float()
     called_with = scheduler.timesteps / 1000 if world == "flux" else scheduler.timesteps
