@@ -16,13 +16,14 @@ only at full FLUX.1 width (its qkv split hard-codes 3072) and SD3 kohya files no
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 from . import fileformat
 from .errors import LoraschedError
-from .lora import SOURCES, LoraPair
+from .lora import SOURCES, LoraModule, LoraPair
 from .names import SgmLayout, kohya_key
 from .schedule import Schedule
 
@@ -38,7 +39,9 @@ BASE_VERSIONS = {  # pipeline class -> (ss_base_model_version, modelspec.archite
 
 
 def resolve_format(requested: str | None, pipeline_class: str) -> str:
-    """`None` (auto): kohya for UNet pipelines, diffusers for FLUX/SD3; kohya on FLUX/SD3 is refused."""
+    """`None` (auto): kohya for UNet pipelines, diffusers for FLUX/SD3. The other way round is refused: each
+    architecture gets the one naming every loader maps (ComfyUI 0.3's diffusers map knows SD UNet attention only
+    under old attention-processor names; diffusers reads FLUX kohya files only at full width)."""
     if requested is None:
         return KOHYA if pipeline_class in KOHYA_PIPELINES else DIFFUSERS
     if requested not in FORMATS:
@@ -46,6 +49,9 @@ def resolve_format(requested: str | None, pipeline_class: str) -> str:
     if requested == KOHYA and pipeline_class not in KOHYA_PIPELINES:
         raise LoraschedError(f"--format kohya: diffusers cannot load kohya files for {pipeline_class} at every size; "
                              "use --format diffusers (ComfyUI maps those names too)")
+    if requested == DIFFUSERS and pipeline_class in KOHYA_PIPELINES:
+        raise LoraschedError(f"--format diffusers: ComfyUI, A1111 and kohya map no PEFT-named {pipeline_class} "
+                             "attention layer; use --format kohya (the default), which diffusers loads too")
     return requested
 
 
@@ -62,32 +68,46 @@ def export_dtype(pair: LoraPair) -> torch.dtype:
     return torch.promote_types(pair.subject.dtype, pair.style.dtype)
 
 
-def build_tensors(
+def _down(parts: list[tuple[LoraModule, float]], dtype: torch.dtype) -> torch.Tensor:
+    """[c_c·σ_c·A_c ; c_s·σ_s·A_s], scaled in float32."""
+    return torch.cat([module.down.to(torch.float32) * (weight * module.scale) for module, weight in parts], 0) \
+        .to(dtype).contiguous()
+
+
+def _up(parts: list[tuple[LoraModule, float]], dtype: torch.dtype) -> torch.Tensor:
+    """[B_c | B_s]."""
+    return torch.cat([module.up.to(torch.float32) for module, _ in parts], 1).to(dtype).contiguous()
+
+
+def plan_tensors(
     pair: LoraPair,
     schedule: Schedule,
     dtype: torch.dtype | None = None,
     tensor_format: str = KOHYA,
-) -> tuple[dict, dict]:
-    """Tensors for every module in `tensor_format`, and the per-module record (key, rank split, static weights)."""
+) -> tuple[list[fileformat.TensorSpec], dict]:
+    """Every module's two tensors in `tensor_format`, as specs whose values are made when written (so a merge
+    holds one module's factors at a time), and the per-module record (key, rank split, static weights)."""
     dtype = dtype or export_dtype(pair)
-    tensors: dict[str, torch.Tensor] = {}
+    specs: list[fileformat.TensorSpec] = []
     records: dict[str, dict] = {}
     for name in pair.module_names:
         weights = schedule.static_weights(name)
-        downs, ups, ranks = [], [], []
+        parts, ranks = [], []
         for source, weight in zip(SOURCES, weights):
             module = pair.source(source).modules.get(name)
             if module is None or weight == 0.0:
                 ranks.append(0)
                 continue
-            downs.append(module.down.to(torch.float32) * (weight * module.scale))
-            ups.append(module.up.to(torch.float32))
+            parts.append((module, weight))
             ranks.append(module.rank)
         key, down_name, up_name = factor_names(name, tensor_format, pair.single_text_encoder, pair.sgm)
-        tensors[down_name] = torch.cat(downs, 0).to(dtype).contiguous()
-        tensors[up_name] = torch.cat(ups, 1).to(dtype).contiguous()
+        first = parts[0][0]
+        down_shape = (sum(ranks), *first.down_shape[1:])
+        up_shape = (first.up_shape[0], sum(ranks), *first.up_shape[2:])
+        specs.append(fileformat.TensorSpec(down_name, dtype, down_shape, functools.partial(_down, parts, dtype)))
+        specs.append(fileformat.TensorSpec(up_name, dtype, up_shape, functools.partial(_up, parts, dtype)))
         records[name] = {"key": key, "ranks": ranks, "static": list(weights)}
-    return tensors, records
+    return specs, records
 
 
 def compatibility_metadata(pipeline_class: str, title: str, sources: dict, max_rank: int) -> dict[str, str]:
@@ -121,10 +141,10 @@ def export(
     dtype: torch.dtype | None = None,
     tensor_format: str | None = None,
 ) -> None:
-    """Write the scheduled LoRA file (atomic, deterministic); dtype None keeps the inputs' (promoted) dtype,
-    tensor_format None the architecture's default (see `resolve_format`)."""
+    """Write the scheduled LoRA file (atomic, deterministic, one module's tensors at a time); dtype None keeps the
+    inputs' (promoted) dtype, tensor_format None the architecture's default (see `resolve_format`)."""
     tensor_format = resolve_format(tensor_format, pair.pipeline_class)
-    tensors, records = build_tensors(pair, schedule, dtype, tensor_format)
+    specs, records = plan_tensors(pair, schedule, dtype, tensor_format)
     for name, score in scores.items():
         records[name]["scores"] = list(score)
     sources = {
@@ -135,4 +155,4 @@ def export(
     max_rank = max(sum(record["ranks"]) for record in records.values())
     title = Path(path).stem
     metadata.update(compatibility_metadata(pair.pipeline_class, title, sources, max_rank))
-    fileformat.write(path, tensors, metadata)
+    fileformat.write_stream(path, specs, metadata)

@@ -67,7 +67,7 @@ def _sd3_pair(pipe):
 
 
 PAIRS = {"sdxl": _sdxl_pair, "sdxl-sgm": _sdxl_sgm_pair, "flux": _flux_pair, "sd3": _sd3_pair}
-FORMATS = {"sdxl": ("kohya", "diffusers"), "sdxl-sgm": ("kohya", "diffusers"), "flux": ("diffusers",),
+FORMATS = {"sdxl": ("kohya",), "sdxl-sgm": ("kohya",), "flux": ("diffusers",),
            "sd3": ("diffusers",)}
 
 
@@ -137,10 +137,11 @@ def test_the_rule_decides_every_module_both_loras_adapt_and_only_those(world):
 @pytest.mark.parametrize("tensor_format", ["kohya", "diffusers"])
 def test_plain_load_gives_the_static_mix(world, tensor_format):
     architecture, pair, files = world
-    if tensor_format not in files:
-        with pytest.raises(LoraschedError, match="--format kohya"):
-            merge(*map(str, (files["diffusers"].parent / "base", pair.subject.path, pair.style.path,
-                             files["diffusers"].parent / "k.safetensors")), "klora", KLORA, tensor_format="kohya")
+    if tensor_format not in files:  # each architecture gets the one naming every loader maps
+        folder = next(iter(files.values())).parent
+        with pytest.raises(LoraschedError, match=f"--format {tensor_format}: "):
+            merge(*map(str, (folder / "base", pair.subject.path, pair.style.path, folder / "other.safetensors")),
+                  "klora", KLORA, tensor_format=tensor_format)
         return
     path = files[tensor_format]
     schedule = fileformat.read(path).schedule
@@ -155,16 +156,6 @@ def test_plain_load_gives_the_static_mix(world, tensor_format):
             if name in pair.source(source).modules:
                 expected += weight * pair.source(source).modules[name].delta().reshape(loaded.shape)
         assert torch.allclose(loaded, expected, rtol=1e-3, atol=1e-5), name
-
-
-def test_both_formats_load_to_the_same_output(world):
-    architecture, _, files = world
-    outputs = []
-    for path in files.values():
-        pipe = fresh(architecture)
-        pipe.load_lora_weights(str(path))
-        outputs.append(generate(pipe, 4))
-    assert all(torch.allclose(outputs[0], other, atol=1e-9) for other in outputs[1:])
 
 
 def test_compatibility_metadata_names_the_architecture(world):
