@@ -224,15 +224,6 @@ def test_bad_files_raise_a_clear_error(sd, flux, sd_model, apply, tmp_path, dama
     print(f"{damage}: {raised.value}")
 
 
-def test_sd_attention_under_peft_names_is_not_in_comfyui_key_map(sd, sd_model, apply):
-    """`--format diffusers` names SD1 attention `unet.….attn1.to_q`; ComfyUI's UNet key map knows diffusers attention
-    only as `unet.….attn1.processor.to_q` (LoraLoader skips those layers with "lora key not loaded"). The node
-    refuses the file and names them; the default kohya format maps."""
-    with pytest.raises(ValueError, match=r"klora_s_diffusers.safetensors: 56 of 63 model layers .* e\.g\. unet\.down_"
-                                         r"blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_k"):
-        apply(sd_model(), sd.files["klora-s diffusers"])
-
-
 def test_an_sd_file_on_flux_is_refused(sd, flux_model, apply):
     with pytest.raises(ValueError, match="klora_s.safetensors: .* have no weight in this model .Flux.* sd_v1"):
         apply(flux_model(), sd.files["klora-s"])

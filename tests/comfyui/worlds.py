@@ -137,18 +137,16 @@ def flux_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
 
 
 def _merge(base: Path, pair: tuple[Path, Path], output: Path, method: str = "klora", **options) -> Path:
-    """`lorasched merge` on CPU, K-LoRA by default, in the architecture's default tensor format unless given."""
+    """`lorasched merge` on CPU, K-LoRA by default, in the architecture's tensor format."""
     calibration = options.pop("calibration", Calibration())
-    tensor_format = options.pop("tensor_format", None)
     merge(str(base), *map(str, pair), str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
-          device="cpu", calibration=calibration, tensor_format=tensor_format)
+          device="cpu", calibration=calibration)
     return output
 
 
 def make_sd_world(folder: Path) -> SimpleNamespace:
     """The tiny SD pipeline, a kohya subject/style pair with text-encoder parts (the style over other modules
-    too), and lorasched files: K-LoRA `s`, K-LoRA `s*`, feature-kl (calibrated, noise axis), and K-LoRA `s` in the
-    diffusers tensor format (`--format diffusers`)."""
+    too), and lorasched files: K-LoRA `s`, K-LoRA `s*` and feature-kl (calibrated, noise axis)."""
     pipe = tiny_sd_pipeline()
     pipe.save_pretrained(folder / "base")
     pair = folder / "subject.safetensors", folder / "style.safetensors"
@@ -161,8 +159,6 @@ def make_sd_world(folder: Path) -> SimpleNamespace:
         "klora-s*": _merge(folder / "base", pair, folder / "klora_sstar.safetensors", pattern="s*"),
         "feature-kl": _merge(folder / "base", pair, folder / "feature_kl.safetensors", "feature-kl",
                              calibration=calibration),
-        "klora-s diffusers": _merge(folder / "base", pair, folder / "klora_s_diffusers.safetensors", pattern="s",
-                                    tensor_format="diffusers"),
     }
     return SimpleNamespace(pipe=pipe, pair=pair, files=files, folder=folder)
 
