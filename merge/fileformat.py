@@ -1,4 +1,4 @@
-"""The scheduled LoRA file: metadata schema, tensor hash, deterministic atomic write, and reading it back.
+"""The scheduled LoRA file: metadata schema, tensor hash, deterministic atomic streamed write, and reading it back.
 
 Shared by the exporter and the replay hook so the two cannot drift apart. Import-light on purpose (torch,
 safetensors, json): the replay hook imports it in deployments without the converter's extras.
@@ -15,14 +15,16 @@ import struct
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import FormatError
 from .lora import BOTH
 from .schedule import Schedule
+from .tensorfile import DTYPE_NAMES, LAYOUT_RANK
 
 NAMESPACE = "lorasched"
 FORMAT_VERSION = "1"
@@ -47,45 +49,91 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _sort_header(path: Path) -> None:
-    """Re-serialise a safetensors header with its `__metadata__` in sorted key order.
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write: name, dtype and shape up front, the values made (`make()`) only when their turn comes."""
 
-    safetensors writes `__metadata__` in hash-map order, which changes from run to run; sorting it makes the same
-    inputs give a byte-identical file. Data offsets are relative to the end of the header, so only the header
-    and its padding change: in place when the length is unchanged (the usual case), else by a streamed copy.
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _header(metadata: dict[str, str], specs: list[TensorSpec]) -> bytes:
+    """safetensors' header for tensors laid out in `specs` order, `__metadata__` first with its keys sorted (so the
+    same inputs give the same bytes), padded with spaces to a multiple of 8 as safetensors pads it."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _tensor_bytes(spec: TensorSpec) -> memoryview:
+    tensor = spec.make()
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        raise ValueError(f"{spec.name}: made {tensor.dtype} {tuple(tensor.shape)}, announced {spec.dtype} {spec.shape}")
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _digest_update(digest, spec: TensorSpec, data) -> None:
+    """One tensor's share of `tensor_sha256`: its name, dtype, shape, then its bytes."""
+    digest.update(f"{spec.name}|{spec.dtype}|{spec.shape}|".encode())
+    digest.update(data)
+
+
+def write_stream(path: str | Path, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time, atomically (a temp file in the target folder, then rename).
+
+    The header goes first, with a placeholder of the tensor hash's length; then each tensor is made, written and
+    dropped, in safetensors' own layout order (largest dtype first, then by name); then the tensor hash takes the
+    placeholder's place. The bytes equal those of `safetensors.torch.save_file` of the same tensors and metadata
+    with the header's metadata keys sorted. The hash is taken while writing when that order is the name order (one
+    dtype, as every exported file), else by reading the written tensors back in name order.
     """
-    with open(path, "r+b") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        raw += b" " * (-len(raw) % 8)
-        if len(raw) == size:
-            handle.seek(8)
-            handle.write(raw)
-            return
-        copy = path.with_suffix(".sorted")
-        with open(copy, "wb") as out:
+    path = Path(path)
+    specs = sorted(specs, key=lambda spec: (LAYOUT_RANK[spec.dtype], spec.name))
+    placeholder = "0" * 64
+    raw = _header({**metadata, KEY_VERSION: FORMAT_VERSION, KEY_TENSOR_HASH: placeholder}, specs)
+    hash_at = 8 + raw.index(json.dumps({KEY_TENSOR_HASH: placeholder}, separators=(",", ":"))[1:-1].encode()) + \
+        len(json.dumps(KEY_TENSOR_HASH)) + 2
+    in_name_order = [spec.name for spec in specs] == sorted(spec.name for spec in specs)
+    digest = hashlib.sha256()
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "r+b") as out:
             out.write(struct.pack("<Q", len(raw)) + raw)
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                out.write(chunk)
-    os.replace(copy, path)
+            for spec in specs:
+                data = _tensor_bytes(spec)
+                out.write(data)
+                if in_name_order:
+                    _digest_update(digest, spec, data)
+            if not in_name_order:
+                out.flush()
+                starts, start = {}, 8 + len(raw)
+                for spec in specs:
+                    starts[spec.name], start = start, start + spec.nbytes
+                for spec in sorted(specs, key=lambda spec: spec.name):
+                    _digest_update(digest, spec, os.pread(out.fileno(), spec.nbytes, starts[spec.name]))
+            out.seek(hash_at)
+            out.write(digest.hexdigest().encode())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
 
 
 def write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write atomically (a temp file in the target folder, then rename): no half-written output ever exists."""
-    path = Path(path)
-    metadata = {**metadata, KEY_VERSION: FORMAT_VERSION, KEY_TENSOR_HASH: tensor_sha256(tensors)}
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        _sort_header(Path(temp))
-        os.replace(temp, path)
-    finally:
-        for leftover in (temp, temp.removesuffix(".tmp") + ".sorted"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+    """`write_stream` of tensors already in memory."""
+    write_stream(path, [TensorSpec(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()],
+                 metadata)
 
 
 def _hook_name(key: str) -> str:

@@ -39,7 +39,7 @@ def test_calibration_imports_no_job_and_the_online_reference_not_the_hook():
 def test_the_replay_hook_imports_only_torch_safetensors_and_the_standard_library():
     """At module level, through every lorasched module it pulls in (deployers install no converter extras)."""
     allowed = {"torch", "safetensors", "json", "hashlib", "os", "struct", "tempfile", "math", "bisect", "functools",
-               "dataclasses", "pathlib", "logging", "warnings", "contextlib", "__future__"}
+               "dataclasses", "pathlib", "logging", "warnings", "contextlib", "typing", "__future__"}
     seen, todo = set(), ["replay"]
     while todo:
         module = todo.pop()
