@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_replay
 	$(PY) -m benchmarks.bench_merge
 	$(PY) -m benchmarks.bench_calibration
+	$(PY) -m benchmarks.bench_eval
 
 clean:
 	rm -rf demo_work build *.egg-info

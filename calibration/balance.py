@@ -60,7 +60,7 @@ def grid(beta: float | None, betas: tuple[float, ...] | None = None,
         raise LoraschedError(f"--balance-gamma-scales {','.join(map(str, scales))}: need positive finite numbers")
     if beta is None:
         return tuple(Candidate(None, scale) for scale in scales)
-    offsets = tuple(betas) if betas else tuple(round(beta + offset, 6) for offset in BETA_OFFSETS)
+    offsets = tuple(betas) if betas else tuple(round(beta + offset, 6) if offset else beta for offset in BETA_OFFSETS)
     return tuple(Candidate(b, scale) for b in offsets for scale in scales)
 
 
