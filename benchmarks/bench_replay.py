@@ -27,7 +27,6 @@ from lorasched.merge.lora import LoraFile, LoraModule, LoraPair  # noqa: E402
 from lorasched.merge.quiet import collected_loading_messages  # noqa: E402
 from lorasched.merge.replay import attach  # noqa: E402
 from lorasched.merge.rules.feature_kl import FeatureKLRule  # noqa: E402
-from lorasched.merge.rules.klora import topk_abs_sum  # noqa: E402
 from lorasched.merge.schedule import from_rule  # noqa: E402
 
 from benchmarks.sdxl_like import build_unet, lora_targets, random_kohya  # noqa: E402
@@ -78,8 +77,8 @@ class PublishedKLora:
         subject, style = self.pair.subject.modules[name], self.pair.style.modules[name]
         k = subject.rank * style.rank
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        score_c = topk_abs_sum(subject.delta(torch.float32, device).abs_(), k)
-        score_s = topk_abs_sum(style.delta(torch.float32, device).abs_(), k)
+        score_c = float(subject.delta(torch.float32, device).abs_().flatten().topk(k).values.sum())
+        score_s = float(style.delta(torch.float32, device).abs_().flatten().topk(k).values.sum())
         return "subject" if score_c / self.rule.gamma > score_s * self.rule.ramp(p) else "style"
 
 

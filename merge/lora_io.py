@@ -158,8 +158,16 @@ def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> No
         elif not tensor.is_floating_point() or tensor.ndim < 2:
             raise LoraschedError(f"{path}: tensor {key} is not a floating-point factor matrix "
                                  f"({str(tensor.dtype).removeprefix('torch.')}, shape {tuple(tensor.shape)})")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise LoraschedError(f"{path}: tensor {key} holds NaN or infinite values")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. x · 0 is 0 for a finite x and NaN otherwise, so the products sum to 0 exactly
+    when all are finite: one fast reduction (in float32, exact for narrower floats) where `isfinite` builds a
+    boolean tensor."""
+    wide = tensor if tensor.dtype == torch.float64 else tensor.float()
+    return float((wide * 0).sum()) == 0.0
 
 
 def riders(tensors) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 
 from ..lora import LoraModule, LoraPair
@@ -27,6 +28,7 @@ PATTERNS = {"s": Ramp(1.5, 0.5), "s*": Ramp(1.5, 1.275, wrap=True)}
 
 TILE_ENTRIES = {"cpu": 1 << 21, "cuda": 1 << 25}  # float32 entries per tile: 8 MiB stays in a CPU's L3 cache
 GROUPS_PER_K = 4  # a tile's entries fall into 4·K groups whose maxima bound its K-th largest entry
+CUT_PER_K = 2  # the kept entries are cut back to the bound whenever they number 2·K
 UNIT_ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}  # input rounding of a float32 matmul (TF32, bf16)
 
 
@@ -48,8 +50,8 @@ def error_bound(up: torch.Tensor, down: torch.Tensor, source_dtype: torch.dtype)
 
     Each entry's float32 error is at most γ_(r+2) · Σ_j |up[i, j] · down[j, c]| (r products summed, inputs rounded
     to float32 when wider), plus the matmul's own input rounding when float32 matmuls may use TF32 or bf16, and
-    that sum is at most ‖up[i, :]‖ · ‖down[:, c]‖ (Cauchy–Schwarz). 1 % slack covers the bound's own rounding,
-    the float64 recompute's error and the threshold's rounding; r · 2⁻¹²⁶ covers float32 underflow.
+    that sum is at most ‖up[i, :]‖ · ‖down[:, c]‖ (Cauchy–Schwarz). The 1 % slack covers the norms' own float32
+    rounding, the float64 recompute's error and the threshold's rounding; r · 2⁻¹²⁶ covers float32 underflow.
     """
     rank = up.shape[1]
     unit = 2.0**-24
@@ -58,16 +60,15 @@ def error_bound(up: torch.Tensor, down: torch.Tensor, source_dtype: torch.dtype)
         inputs += 2 * UNIT_ROUNDOFF["high"]
     inputs += 2 * UNIT_ROUNDOFF.get(torch.get_float32_matmul_precision(), 0.0)
     gamma = (rank + 2) * unit / (1 - (rank + 2) * unit) + inputs
-    norms = float(up.double().norm(dim=1).max()) * float(down.double().norm(dim=0).max())
+    norms = math.sqrt(float(up.square().sum(1).max()) * float(down.square().sum(0).max()))
     return 1.01 * (gamma * norms + rank * 2.0**-126)
 
 
-def _below(value: float) -> torch.Tensor:
-    """`value` as a float32 no greater than it (a threshold must not round up past an entry it has to keep)."""
-    single = torch.tensor(value, dtype=torch.float32)
-    if float(single) > value:
-        single = torch.nextafter(single, torch.tensor(-math.inf))
-    return single
+def _below(value: float) -> float:
+    """The largest float32 no greater than `value`: a threshold that compares exactly with float32 entries and
+    cannot round up past one it has to keep."""
+    single = numpy.float32(value)
+    return float(single if single <= value else numpy.nextafter(single, numpy.float32(-numpy.inf)))
 
 
 class Candidates:
@@ -75,6 +76,8 @@ class Candidates:
 
     `bound` never exceeds the K-th largest float32 |entry| seen: it is the K-th largest of the kept entries once
     there are K of them, before that the K-th largest of a tile's group maxima (each group maximum is an entry).
+    A tile's groups are 4·K runs of consecutive entries, so a tile is scanned by one fast row reduction and only
+    the runs whose maximum reaches the threshold are looked into.
     """
 
     def __init__(self, k: int, slack: float) -> None:
@@ -83,54 +86,53 @@ class Candidates:
         self.values = torch.empty(0)
         self.index = torch.empty(0, dtype=torch.int64)
 
-    def threshold(self) -> torch.Tensor:
-        return _below(self.bound - self.slack)
-
     def add(self, tile: torch.Tensor, offset: int) -> None:
         """Keep the entries of a tile of |ΔW| (flat indices from `offset`) that reach the bound less the slack."""
         flat = tile.view(-1)
-        groups = self.k * GROUPS_PER_K
+        length = flat.numel() // (self.k * GROUPS_PER_K)
         values, index = [self.values.to(flat.device)], [self.index.to(flat.device)]
         rest = flat
-        if flat.numel() >= groups:
-            body = flat[: flat.numel() // groups * groups].view(-1, groups)
-            maxima = body.amax(0)  # group g holds entries g, g + groups, …: a reduction over contiguous rows
+        if length > 1:
+            runs = flat[: flat.numel() // length * length].view(-1, length)
+            maxima = runs.amax(1)
             if self.values.numel() < self.k:
                 self.bound = max(self.bound, float(maxima.topk(self.k, sorted=False).values.min()))
-            columns = (maxima >= self.threshold()).nonzero().squeeze(1)
-            rows, picked = (body[:, columns] >= self.threshold()).nonzero().unbind(1)
-            values.append(body[rows, columns[picked]])
-            index.append(offset + rows * groups + columns[picked])
-            rest, offset = flat[body.numel():], offset + body.numel()
-        hit = (rest >= self.threshold()).nonzero().squeeze(1)
-        values.append(rest[hit])
-        index.append(offset + hit)
-        self._cut(torch.cat(values), torch.cat(index))
+            threshold = _below(self.bound - self.slack)
+            hit = (maxima >= threshold).nonzero().squeeze(1)
+            run, position = (runs[hit] >= threshold).nonzero().unbind(1)
+            values.append(runs[hit[run], position])
+            index.append(offset + hit[run] * length + position)
+            rest, offset = flat[runs.numel():], offset + runs.numel()
+        kept = (rest >= _below(self.bound - self.slack)).nonzero().squeeze(1)
+        values.append(rest[kept])
+        index.append(offset + kept)
+        self.values, self.index = torch.cat(values), torch.cat(index)
+        if self.values.numel() >= CUT_PER_K * self.k:
+            self.cut()
 
-    def _cut(self, values: torch.Tensor, index: torch.Tensor) -> None:
+    def cut(self) -> None:
         """Raise the bound to the K-th largest kept entry and drop what falls below it less the slack."""
-        if values.numel() > self.k:
-            self.bound = max(self.bound, float(values.topk(self.k, sorted=False).values.min()))
-            keep = values >= self.threshold()
-            values, index = values[keep], index[keep]
-        self.values, self.index = values, index
+        if self.values.numel() > self.k:
+            self.bound = max(self.bound, float(self.values.topk(self.k, sorted=False).values.min()))
+            keep = self.values >= _below(self.bound - self.slack)
+            self.values, self.index = self.values[keep], self.index[keep]
 
 
-def exact_entries(up: torch.Tensor, down: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Entries of up · down at flat indices, in float64: the products (exact) summed in rank order."""
-    up, down = up.to(torch.float64), down.to(torch.float64)
-    products = (up[index // down.shape[1]] * down.T[index % down.shape[1]]).T.contiguous()
-    entries = products[0].clone()
-    for row in products[1:]:
-        entries += row
-    return entries
+def exact_entries(up: torch.Tensor, down: torch.Tensor, index: torch.Tensor) -> numpy.ndarray:
+    """Entries of up · down at flat indices, in float64: the products (exact) summed in rank order, by numpy's
+    `add.accumulate` (a running sum by definition, on any machine)."""
+    index, up, down = index.cpu(), up.flatten(1), down.flatten(1)
+    rows = up[index // down.shape[1]].to(torch.float64)
+    columns = down.T[index % down.shape[1]].to(torch.float64)
+    products = (rows * columns).T.contiguous().numpy()
+    return numpy.add.accumulate(products, axis=0)[-1]
 
 
-def topk_abs_sum(values: torch.Tensor, k: int) -> float:
+def topk_abs_sum(values, k: int) -> float:
     """Sum of the k largest of the |ΔW| values (all when k ≥ their count), added exactly: in any order the same."""
-    values = values.flatten()
-    if k < values.numel():
-        values = values.topk(k, sorted=False).values
+    values = numpy.asarray(values, dtype=numpy.float64).ravel()
+    if k < values.size:
+        values = numpy.partition(values, values.size - k)[values.size - k:]
     return math.fsum(values.tolist())
 
 
@@ -153,9 +155,9 @@ def topk_and_l1(lora: LoraModule, k: int, device="cpu", scratch: Scratch | None 
         tile.abs_()
         l1 += tile.sum()
         candidates.add(tile, start * cols)
-    index = candidates.index
-    entries = exact_entries(up_source.flatten(1).to(device), down_source.flatten(1).to(device), index)
-    return topk_abs_sum((entries * lora.scale).abs_(), k), float(l1) * abs(lora.scale)
+    candidates.cut()
+    entries = exact_entries(up_source, down_source, candidates.index)
+    return topk_abs_sum(numpy.abs(entries * lora.scale), k), float(l1) * abs(lora.scale)
 
 
 def module_scores(
