@@ -82,15 +82,33 @@ class Skeleton:
         return list(self.components)
 
 
-def lora_loader(pipeline_cls: type) -> type:
-    """The diffusers mixin that gives `pipeline_cls` its `load_lora_weights` (and with it `lora_state_dict` and the
-    component names a LoRA can reach)."""
+# The loader mixins of the pipelines lorasched knows, so that reading a LoRA does not import the pipeline module
+# (its VAE, image processors and every autoencoder class); tests check the table against the pipelines' own MRO.
+KNOWN_LOADERS = {
+    "StableDiffusionPipeline": "StableDiffusionLoraLoaderMixin",
+    "StableDiffusionXLPipeline": "StableDiffusionXLLoraLoaderMixin",
+    "FluxPipeline": "FluxLoraLoaderMixin",
+    "StableDiffusion3Pipeline": "SD3LoraLoaderMixin",
+}
+
+
+def lora_loader(pipeline_class: str, base: str) -> type:
+    """The diffusers mixin whose `load_lora_weights` the pipeline class uses (and with it `lora_state_dict` and
+    the component names a LoRA can reach)."""
+    if pipeline_class in KNOWN_LOADERS:
+        from diffusers.loaders import lora_pipeline
+
+        return getattr(lora_pipeline, KNOWN_LOADERS[pipeline_class])
+    import diffusers
     from diffusers.loaders.lora_base import LoraBaseMixin
 
+    pipeline_cls = getattr(diffusers, pipeline_class, None)
+    if pipeline_cls is None:
+        raise LoraschedError(f"{base}: unknown pipeline class {pipeline_class}")
     for cls in pipeline_cls.__mro__:
         if "load_lora_weights" in vars(cls) and issubclass(cls, LoraBaseMixin):
             return cls
-    raise LoraschedError(f"{pipeline_cls.__name__} has no LoRA loader in diffusers")
+    raise LoraschedError(f"{base}: {pipeline_class} has no LoRA loader in diffusers")
 
 
 def load_skeleton(base: str, dtype: torch.dtype = torch.float32) -> Skeleton:
@@ -102,14 +120,9 @@ def load_skeleton(base: str, dtype: torch.dtype = torch.float32) -> Skeleton:
     `dtype` should be the LoRAs' own (promoted): a load casts adapter weights to their base layer's dtype, so it is
     the dtype of the factors read onto this skeleton.
     """
-    import diffusers
-
     root = resolve_base(base)
     index = model_index(root)
-    pipeline_cls = getattr(diffusers, index["_class_name"], None)
-    if pipeline_cls is None:
-        raise LoraschedError(f"{base}: unknown pipeline class {index['_class_name']}")
-    loader = lora_loader(pipeline_cls)
+    loader = lora_loader(index["_class_name"], base)
     components: dict[str, torch.nn.Module] = {}
     for name in loader._lora_loadable_modules:
         spec = index.get(name)

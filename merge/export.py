@@ -5,7 +5,7 @@ lora_down = [c_c·σ_c·A_c ; c_s·σ_s·A_s], lora_up = [B_c | B_s], scale 1, w
 back out. A source's block is dropped where its static weight is 0.
 
 No `.alpha` keys are written: every loader reads a missing alpha as alpha = rank (scale 1), while explicit
-per-module alphas that differ are mis-scaled by diffusers 0.42 (see lora_io.fold_kohya_alphas).
+per-module alphas that differ are mis-scaled by diffusers 0.42 (see lora_io.kohya_folds).
 
 Formats: `kohya` (`lora_unet_…`/`lora_te…` `.lora_down/.lora_up`, what A1111/Forge/ComfyUI read) for UNet pipelines;
 `diffusers` (the pipeline's PEFT keys `<component>.<module>.lora_A/.lora_B`, what `load_lora_weights` and

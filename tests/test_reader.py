@@ -94,6 +94,15 @@ def assert_same_as_a_load(path, base, dtype=None) -> dict:
     return read
 
 
+def test_the_known_loaders_are_the_pipelines_own():
+    import diffusers
+    from lorasched.merge.base import KNOWN_LOADERS, lora_loader
+
+    for pipeline, loader in KNOWN_LOADERS.items():
+        own = next(c for c in getattr(diffusers, pipeline).__mro__ if "load_lora_weights" in vars(c))
+        assert own.__name__ == loader and lora_loader(pipeline, "base") is own
+
+
 def stored(modules) -> bool:
     return all(isinstance(m._down, StoredFactor) and isinstance(m._up, StoredFactor) for m in modules.values())
 
