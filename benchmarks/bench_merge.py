@@ -3,9 +3,12 @@ diffusers/PEFT pair (19 double + 38 single blocks, 418 modules, bf16), written b
 folder that is removed at the end. Each merge runs as `lorasched merge` in a child process, so its peak RSS is its
 own; the import baseline is a child that imports exactly the modules that merge ended up with, and nothing else.
 
-    python -m benchmarks.bench_merge [--sdxl-rank 64] [--flux-ranks 16,64] [--device auto|cpu|cuda] [--profile]
+    python -m benchmarks.bench_merge [--sdxl-rank 64] [--flux-ranks 16,64] [--device auto|cpu|cuda] [--threads N]
+                                     [--profile]
 
-`--profile` runs each SDXL K-LoRA merge under cProfile and prints where its time goes.
+`--threads` sets the children's torch threads (OMP_NUM_THREADS; default: torch's own, one per core): on a machine
+whose cores other work keeps busy, one thread avoids OpenMP barriers that wait for a descheduled thread.
+`--profile` runs each K-LoRA merge under cProfile as well and prints where its time goes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ MEASURED = (
     "atexit.register(_report)\n"
 )
 MERGE = "from lorasched.cli import main\nmain()\n"
+THREADS: dict[str, str] = {}  # OMP_NUM_THREADS for the children, when --threads is given
 IMPORTS = (  # the baseline: import every module a merge had, in name order (packages before their modules)
     "import importlib, json, sys\n"
     "for name in json.load(open(sys.argv[1])):\n"
@@ -61,7 +65,7 @@ PROFILE = (
 
 def run_measured(code: str, *args: str, modules: Path | None = None) -> tuple[float, float, str]:
     """(seconds, peak RSS MiB, stdout) of `python -c code args` in a child process."""
-    env = {**os.environ, "LORASCHED_BENCH_MODULES": str(modules or "")}
+    env = {**os.environ, "LORASCHED_BENCH_MODULES": str(modules or ""), **THREADS}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", MEASURED + code, *args], cwd=ROOT, capture_output=True, text=True,
                             env=env)
@@ -121,12 +125,15 @@ def main() -> None:
     parser.add_argument("--sdxl-rank", type=int, default=64)
     parser.add_argument("--flux-ranks", default="16,64", help="comma-separated; empty for no FLUX rows")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
     cases = [("sdxl", args.sdxl_rank)] + [("flux", int(r)) for r in args.flux_ranks.split(",") if r.strip()]
+    threads = args.threads or torch.get_num_threads()
     print(f"device {args.device} ({'cuda' if torch.cuda.is_available() else 'no cuda'}), {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}; RSS in MiB; baseline = a child importing exactly the merge's "
-          "modules")
+          f"torch threads {threads}; RSS in MiB; baseline = a child importing exactly the merge's modules")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as folder:
         for architecture, rank in cases:

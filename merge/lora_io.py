@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +80,6 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def _refuse_pickle(path: Path) -> None:
-    raise LoraschedError(f"{path}: pickle files are not read by default (they can run code); convert it to "
-                         ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
-
-
 def open_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
     """Tensors and `__metadata__` of a safetensors file, with one-line errors for what is not one. The tensors of a
     safetensors file are read from it on each access (`StoredTensors`); a pickle's are in memory.
@@ -94,7 +91,8 @@ def open_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[Mapping[
         raise LoraschedError(f"{path}: no such file")
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            _refuse_pickle(path)
+            raise LoraschedError(f"{path}: pickle files are not read by default (they can run code); convert it to "
+                                 ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
         return _read_pickle(path), {}
     try:
         with safe_open(path, "pt") as handle:  # checks the header and that the data covers it
@@ -123,6 +121,9 @@ class StoredTensors(Mapping):
             raise KeyError(key)
         return self.file.read(key)
 
+    def __contains__(self, key) -> bool:  # Mapping's own would read the tensor
+        return key in self._keys
+
     def __iter__(self):
         return iter(self._keys)
 
@@ -134,8 +135,9 @@ class StoredTensors(Mapping):
         return StoredTensors(self.file, [key for key in self._keys if key not in dropped])
 
 
-def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse what is not a plain LoRA before diffusers sees it: empty, unsupported families, non-finite values."""
+def check_lora_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse what is not a plain LoRA before diffusers sees it: empty, unsupported families, malformed factors or
+    alphas, and non-finite values of tensors in memory (a stored file's values are checked by `scan`)."""
     if not tensors:
         raise LoraschedError(f"{path}: holds no tensors")
     extra = riders(tensors)
@@ -151,23 +153,35 @@ def check_lora_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> No
     if not any(marker in key for key in keys for marker in LORA_MARKERS):
         raise LoraschedError(f"{path}: holds no LoRA factors{besides} (is it a full checkpoint rather than a LoRA?)")
     for key in keys:
-        tensor = tensors[key]
+        dtype, shape = _described(tensors, key)
         if key.endswith(".alpha"):
-            if tensor.numel() != 1:
-                raise LoraschedError(f"{path}: alpha {key} has {tensor.numel()} values, not one number")
-        elif not tensor.is_floating_point() or tensor.ndim < 2:
+            if math.prod(shape) != 1:
+                raise LoraschedError(f"{path}: alpha {key} has {math.prod(shape)} values, not one number")
+        elif not dtype.is_floating_point or len(shape) < 2:
             raise LoraschedError(f"{path}: tensor {key} is not a floating-point factor matrix "
-                                 f"({str(tensor.dtype).removeprefix('torch.')}, shape {tuple(tensor.shape)})")
-        if tensor.is_floating_point() and not all_finite(tensor):
-            raise LoraschedError(f"{path}: tensor {key} holds NaN or infinite values")
+                                 f"({str(dtype).removeprefix('torch.')}, shape {shape})")
+    if not isinstance(tensors, StoredTensors):
+        for key in keys:
+            _check_finite(path, key, tensors[key])
+
+
+def _check_finite(path: str | Path, key: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise LoraschedError(f"{path}: tensor {key} holds NaN or infinite values")
+
+
+def _described(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A tensor's dtype and shape, from the header for a stored file."""
+    if isinstance(tensors, StoredTensors):
+        entry = tensors.file.entries[key]
+        return entry.dtype, entry.shape
+    return tensors[key].dtype, tuple(tensors[key].shape)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite. x · 0 is 0 for a finite x and NaN otherwise, so the products sum to 0 exactly
-    when all are finite: one fast reduction (in float32, exact for narrower floats) where `isfinite` builds a
-    boolean tensor."""
-    wide = tensor if tensor.dtype == torch.float64 else tensor.float()
-    return float((wide * 0).sum()) == 0.0
+    """Whether every value is finite. A NaN or an infinity makes the sum NaN or infinite, so a finite float32 sum
+    (one fast reduction) proves them all finite; only a sum that overflowed is looked at value by value."""
+    return math.isfinite(float(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def riders(tensors) -> list[str]:
@@ -192,14 +206,8 @@ def kohya_folds(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, flo
     for key in [k for k in tensors if k.endswith(".alpha")]:
         down_key = key.removesuffix(".alpha") + ".lora_down.weight"
         if down_key in tensors:
-            folds[down_key] = (key, float(tensors[key]) / _shape(tensors, down_key)[0])
+            folds[down_key] = (key, float(tensors[key]) / _described(tensors, down_key)[1][0])
     return folds
-
-
-def _shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if isinstance(tensors, StoredTensors):
-        return tensors.file.entries[key].shape
-    return tuple(tensors[key].shape)
 
 
 def _reason(exc: Exception) -> str:
@@ -230,7 +238,8 @@ class RawLora:
 
 
 def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
-    """Read and check a LoRA file: every problem found here is a one-line `LoraschedError`."""
+    """Open and check a LoRA file: every problem found here is a one-line `LoraschedError`. A safetensors file's
+    values are checked by `scan`, in the same read that hashes it."""
     tensors, metadata = open_tensors(path, allow_pickle)
     check_lora_tensors(path, tensors)
     extra = riders(tensors)  # embeddings need a tokenizer, not a LoRA loader: not merged
@@ -334,12 +343,12 @@ def _read_modules(raw: RawLora, skeleton: Skeleton, adapter: str) -> dict[str, L
             return _modules(raw, skeleton, adapter, stand_ins=True)
         except LoraschedError:  # keys or shapes: the real tensors would fail alike
             raise
-        except Exception:  # noqa: BLE001 - any failure on stand-ins is retried on the real tensors
+        except Exception:  # _Computed, or a conversion that failed on data a stand-in lacks: retried for real
             pass
     return _modules(raw, skeleton, adapter, stand_ins=False)
 
 
-def read_lora(raw: RawLora, skeleton: Skeleton, adapter: str) -> LoraFile:
+def read_modules(raw: RawLora, skeleton: Skeleton, adapter: str) -> dict[str, LoraModule]:
     """Map `raw` onto the skeleton as loading it under the adapter name `adapter` would; every module must exist in
     the base with its shape."""
     with collected_loading_messages():
@@ -352,7 +361,25 @@ def read_lora(raw: RawLora, skeleton: Skeleton, adapter: str) -> LoraFile:
     if not modules:
         raise LoraschedError(f"{raw.path}: no module of this base is adapted by it (a LoRA for another "
                              "architecture?)")
-    return LoraFile(path=str(raw.path), sha256=file_sha256(raw.path), dtype=raw.dtype, modules=modules,
+    return modules
+
+
+def scan(raw: RawLora) -> str:
+    """The file's sha256; a safetensors file's values are checked to be finite on the same read."""
+    if not isinstance(raw.tensors, StoredTensors):
+        return file_sha256(raw.path)
+
+    def check(key: str, tensor: torch.Tensor) -> None:
+        if key in raw.tensors:  # riders are not merged, so not checked
+            _check_finite(raw.path, key, tensor)
+
+    return raw.tensors.file.sha256(check)
+
+
+def read_lora(raw: RawLora, skeleton: Skeleton, adapter: str) -> LoraFile:
+    """`read_modules`, with the file's hash (and so its values checked) and dtype."""
+    digest = scan(raw)
+    return LoraFile(path=str(raw.path), sha256=digest, dtype=raw.dtype, modules=read_modules(raw, skeleton, adapter),
                     metadata=raw.metadata)
 
 
@@ -360,11 +387,17 @@ def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -
     """Both LoRAs checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
     from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
 
-    raw_subject, raw_style = open_lora(subject, allow_pickle), open_lora(style, allow_pickle)
-    skeleton = load_skeleton(base, torch.promote_types(raw_subject.dtype, raw_style.dtype))
+    raws = {SUBJECT: open_lora(subject, allow_pickle), STYLE: open_lora(style, allow_pickle)}
+    with ThreadPoolExecutor(2) as scanning:  # while the skeleton is built (reads, hashing and torch free the GIL)
+        scans = {role: scanning.submit(scan, raw) for role, raw in raws.items()}
+        skeleton = load_skeleton(base, torch.promote_types(raws[SUBJECT].dtype, raws[STYLE].dtype))
+        digests = {role: future.result() for role, future in scans.items()}
+    files = {role: LoraFile(path=str(raw.path), sha256=digests[role], dtype=raw.dtype,
+                            modules=read_modules(raw, skeleton, role), metadata=raw.metadata)
+             for role, raw in raws.items()}
     pair = LoraPair(
-        subject=read_lora(raw_subject, skeleton, SUBJECT),
-        style=read_lora(raw_style, skeleton, STYLE),
+        subject=files[SUBJECT],
+        style=files[STYLE],
         denoiser=denoiser_name(skeleton),
         pipeline_class=skeleton.pipeline_class,
         single_text_encoder="text_encoder_2" not in skeleton.components,

@@ -5,16 +5,18 @@ a tensor's bytes from the file into a fresh buffer on each access keeps memory a
 memory map would keep every page it ever touched resident (and counted) until it is unmapped. The bytes come from
 the page cache after the first pass, so a repeated read costs a memcpy, not a disk access.
 
-Import-light (torch, json, struct, os): the file format writer uses the same dtype table.
+Import-light (torch and the standard library): the file format writer uses the same dtype table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,6 +60,11 @@ class TensorFile:
                        base + info["data_offsets"][1])
             for key, info in header.items()
         }
+        self._fd = os.open(self.path, os.O_RDONLY)  # kept open for the reads, closed with the object
+
+    def __del__(self) -> None:
+        if hasattr(self, "_fd"):
+            os.close(self._fd)
 
     def keys(self):
         return self.entries.keys()
@@ -69,13 +76,29 @@ class TensorFile:
 
     def read(self, key: str) -> torch.Tensor:
         entry = self.entries[key]
-        data = torch.empty(entry.end - entry.start, dtype=torch.uint8)
-        view = memoryview(data.numpy())
-        with open(self.path, "rb", buffering=0) as handle:
-            done = 0
-            while done < len(view):
-                got = os.preadv(handle.fileno(), [view[done:]], entry.start + done)
-                if not got:
-                    raise OSError(f"{self.path}: ends inside tensor {key}")
-                done += got
-        return data.view(entry.dtype).reshape(entry.shape)
+        return self._bytes(entry.start, entry.end, key).view(entry.dtype).reshape(entry.shape)
+
+    def _bytes(self, start: int, end: int, what: str) -> torch.Tensor:
+        data = torch.empty(end - start, dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], start + done)
+            if not got:
+                raise OSError(f"{self.path}: ends inside {what}")
+            done += got
+        return data
+
+    def sha256(self, inspect: Callable[[str, torch.Tensor], None] | None = None) -> str:
+        """The file's sha256 from one read from start to end; `inspect(key, tensor)` sees each tensor on the way."""
+        digest, position = hashlib.sha256(), 0
+        for key, entry in sorted(self.entries.items(), key=lambda item: item[1].start):
+            digest.update(self._bytes(position, entry.start, "the header").numpy())
+            data = self._bytes(entry.start, entry.end, f"tensor {key}")
+            digest.update(data.numpy())
+            if inspect is not None:
+                inspect(key, data.view(entry.dtype).reshape(entry.shape))
+            position = entry.end
+        while chunk := os.pread(self._fd, 1 << 24, position):  # anything after the last tensor
+            digest.update(chunk)
+            position += len(chunk)
+        return digest.hexdigest()

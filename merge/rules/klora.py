@@ -119,13 +119,16 @@ class Candidates:
 
 
 def exact_entries(up: torch.Tensor, down: torch.Tensor, index: torch.Tensor) -> numpy.ndarray:
-    """Entries of up · down at flat indices, in float64: the products (exact) summed in rank order, by numpy's
-    `add.accumulate` (a running sum by definition, on any machine)."""
+    """Entries of up · down at flat indices, in float64: the products (exact) summed in rank order, one
+    element-wise addition per rank (each correctly rounded, so the same on any machine)."""
     index, up, down = index.cpu(), up.flatten(1), down.flatten(1)
     rows = up[index // down.shape[1]].to(torch.float64)
     columns = down.T[index % down.shape[1]].to(torch.float64)
     products = (rows * columns).T.contiguous().numpy()
-    return numpy.add.accumulate(products, axis=0)[-1]
+    entries = products[0].copy()
+    for row in products[1:]:
+        entries += row
+    return entries
 
 
 def topk_abs_sum(values, k: int) -> float:
