@@ -75,12 +75,12 @@ def balance_lines(search: dict) -> list[str]:
     """The `--balance auto` search: its probes, each candidate's scores, and the one chosen (marked *)."""
     chosen = search["chosen"]
     objective = OBJECTIVES.get(search["objective"], search["objective"])
-    summary = (f"balance     auto: {knobs(chosen)} of {len(search['candidates'])} candidates, best {objective}, on "
-               f"{len(search['prompts'])} prompt(s) × seeds {search['seeds']}, {search['steps']} steps, "
-               f"{search['size']} px; CLIP {search['clip']}, DINO {search['dino']}; log {search['log']}")
+    summary = f"balance     auto: {knobs(chosen)} of {len(search['candidates'])} candidates, best {objective}"
+    probes = (f"{'':12}probes {len(search['prompts'])} prompt(s) × seeds {search['seeds']}, {search['steps']} steps, "
+              f"{search['size']} px; CLIP {search['clip']}, DINO {search['dino']}; log {search['log']}")
     header = (f"{'':14}{'candidate':<16}{'subject CLIP':>13}{'style CLIP':>12}{'harmonic':>10}{'subject DINO':>14}"
               f"{'style DINO':>12}")
-    lines = [summary, header]
+    lines = [summary, probes, header]
     for candidate in search["candidates"]:
         scores = candidate["scores"]
         mark = "*" if all(candidate.get(k) == chosen.get(k) for k in ("beta", "gamma_scale")) else " "
