@@ -30,11 +30,13 @@ from safetensors.torch import save_file  # noqa: E402
 from benchmarks import flux_like, sdxl_like  # noqa: E402
 
 # Runs a command in this interpreter; as it exits, prints its peak RSS (MiB) to stderr and writes the names of the
-# modules it imported to the file named by LORASCHED_BENCH_MODULES.
+# modules it imported to the file named by LORASCHED_BENCH_MODULES. The peak is VmHWM, the high-water mark of this
+# program's own memory: getrusage's ru_maxrss would also count the forked parent's RSS from before the exec.
 MEASURED = (
-    "import atexit, json, os, resource, sys\n"
+    "import atexit, json, os, re, sys\n"
     "def _report():\n"
-    "    print('PEAK_RSS_MIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+    "    peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) / 1024\n"
+    "    print('PEAK_RSS_MIB', peak, file=sys.stderr)\n"
     "    if os.environ.get('LORASCHED_BENCH_MODULES'):\n"
     "        open(os.environ['LORASCHED_BENCH_MODULES'], 'w').write(json.dumps(sorted(sys.modules)))\n"
     "atexit.register(_report)\n"
