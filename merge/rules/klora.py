@@ -122,9 +122,9 @@ def exact_entries(up: torch.Tensor, down: torch.Tensor, index: torch.Tensor) -> 
     """Entries of up · down at flat indices, in float64: the products (exact) summed in rank order, one
     element-wise addition per rank (each correctly rounded, so the same on any machine)."""
     index, up, down = index.cpu(), up.flatten(1), down.flatten(1)
-    rows = up[index // down.shape[1]].to(torch.float64)
-    columns = down.T[index % down.shape[1]].to(torch.float64)
-    products = (rows * columns).T.contiguous().numpy()
+    rows = up[index // down.shape[1]].to(torch.float64)  # (n, r)
+    columns = down[:, index % down.shape[1]].to(torch.float64)  # (r, n)
+    products = torch.mul(rows.T, columns, out=torch.empty_like(columns)).numpy()  # (r, n), row-major
     entries = products[0].copy()
     for row in products[1:]:
         entries += row
