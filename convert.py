@@ -16,7 +16,7 @@ from .calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from .calibration.probes import DEFAULT_EMBEDDER
 from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
-from .merge.checks import check_paths, check_size, check_steps, pick_device
+from .merge.checks import check_paths, check_report_dir, check_size, check_steps, pick_device
 from .merge.errors import LoraschedError
 from .merge.lora_io import read_pair, read_tensors
 from .merge.schedule import Schedule, from_rule
@@ -270,8 +270,7 @@ def evaluate_files(paths, base: str, subject_images: str, style_images: str, pro
         fileformat.read(path)
     check_steps(steps)
     check_size(size)
-    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
-        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
+    check_report_dir(report_dir)
     prompts = read_prompts(tuple(prompts))
     if not prompts:
         raise LoraschedError("eval needs at least one prompt (--prompts)")
@@ -303,8 +302,7 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
     steps = steps or int(scheduled.params.get("steps", 30))
     check_steps(steps)
     check_size(size)
-    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
-        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
+    check_report_dir(report_dir)
     prompts = read_prompts(tuple(prompts))
     if not prompts:
         raise LoraschedError(f"{path}: verify needs at least one held-out prompt (--prompts)")

@@ -66,3 +66,9 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     if not all(math.isfinite(value) for value in values):
         raise LoraschedError(f"{option} {text!r}: every value must be a finite number")
     return values
+
+
+def check_report_dir(report_dir: str | None) -> None:
+    """A report folder whose parent exists (the folder itself is made when the report is written)."""
+    if report_dir is not None and not Path(report_dir).parent.resolve().is_dir():
+        raise LoraschedError(f"{report_dir}: folder {Path(report_dir).parent} does not exist")
