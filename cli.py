@@ -34,14 +34,18 @@ def _bar(description: str):
 
 @click.group()
 def main() -> None:
-    """Fuse a subject LoRA and a style LoRA into one scheduled LoRA file, and inspect such files."""
+    """Fuse subject and style LoRAs into one scheduled LoRA file, and inspect such files."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before a command first imports transformers
 
 
 @main.command(cls=Command)
 @click.option("--base", required=True, help="Base pipeline: a diffusers folder or a hub id (only configs are read).")
-@click.option("--subject", required=True, help="Subject (content) LoRA .safetensors.")
-@click.option("--style", required=True, help="Style LoRA .safetensors.")
+@click.option("--subject", "subjects", multiple=True, metavar="PATH[:STRENGTH]",
+              help="Subject (content) LoRA .safetensors (repeatable); `:0.8` multiplies its delta.")
+@click.option("--style", "styles", multiple=True, metavar="PATH[:STRENGTH]", help="Style LoRA (repeatable).")
+@click.option("--lora", "others", multiple=True, metavar="[ROLE=]PATH[:STRENGTH]",
+              help="A LoRA with a role (subject, style, or static, the default: kept at weight 1 in every layer it "
+                   "adapts, never switched off). Repeatable.")
 @click.option("--method", type=click.Choice(rules.METHODS), default="klora", show_default=True)
 @click.option("--pattern", type=click.Choice(["s", "s*"]), default="s", show_default=True, help="K-LoRA ramp.")
 @click.option("--alpha", type=float, help="Ramp slope α (default: the method's published value).")
@@ -51,6 +55,14 @@ def main() -> None:
               help="K-LoRA balance γ: trimmed mean of per-layer L1 ratios (code) or ratio of sums (paper).")
 @click.option("--gamma-scale", type=float, default=1.0, show_default=True,
               help="Multiply the pair's γ (klora, est, feature-kl): above 1 favours the style, below 1 the subject.")
+@click.option("--mu", type=float, help="np-lora: projection strength μ ≥ 0 (default 0.5).")
+@click.option("--directions", type=int, help="np-lora: style singular directions k projected out (default: all).")
+@click.option("--period", type=int, help="switch: steps each LoRA stays active before the next takes over "
+                                         "(default 1), at --steps.")
+@click.option("--windows", help="windows: `a,b`: subjects active on [0, a), styles on [b, 1) of denoising progress "
+                                "(default 0.7,0.3).")
+@click.option("--blocks", "blocks", help="blocks: `subject=<glob>,style=<glob>` module globs (default: the "
+                                        "architecture's, see docs/methods.md).")
 @click.option("--steps", type=int, default=30, show_default=True,
               help="Weight-only rules: reference step count for `inspect` (the file replays at any count). "
                    "feature-kl and est probes: denoising steps of each calibration pass.")
@@ -93,17 +105,22 @@ def merge(**params) -> None:
         click.echo(_searched(result.search))
 
 
-def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, gamma_scale, steps, device, dtype, output,
+def _merge(base, subjects, styles, others, method, pattern, alpha, beta, gamma_mode, gamma_scale, mu, directions,
+           period, windows, blocks, steps, device, dtype, output,
            prompts, seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder, tensor_format,
            allow_pickle, balance, subject_images, style_images, balance_betas, balance_gamma_scales, clip, dino,
            group=None):
     """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`)."""
     from lorasched.convert import Balance, Calibration
-    from lorasched.convert import merge as run_merge
-    from lorasched.merge.checks import parse_floats, parse_seeds
+    from lorasched.convert import merge_loras
+    from lorasched.merge.checks import parse_floats, parse_lora, parse_seeds
+    from lorasched.merge.lora import STYLE, SUBJECT
 
+    loras = [parse_lora(text, SUBJECT, "--subject") for text in subjects] + \
+        [parse_lora(text, STYLE, "--style") for text in styles] + [parse_lora(text) for text in others]
     options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode, temperature=temperature,
-                                gamma_scale=gamma_scale)
+                                gamma_scale=gamma_scale, mu=mu, directions=directions, period=period,
+                                windows=parse_floats(windows, "--windows"), blocks=blocks)
     searched = None
     if balance == "auto":
         searched = Balance(subject_images, style_images, parse_floats(balance_betas, "--balance-betas"),
@@ -114,8 +131,8 @@ def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, gamma
         prompts=prompts, seeds=parse_seeds(seeds), guidance=guidance, size=resolution, batch_size=batch_size,
         log=log_path, min_run=min_run, embedder=embedder,
     )
-    return run_merge(
-        base, subject, style, output, method, options,
+    return merge_loras(
+        base, loras, output, method, options,
         steps=steps, device=device, dtype=DTYPES[dtype], calibration=calibration, progress=_bar("scoring"),
         tensor_format=None if tensor_format == "auto" else tensor_format, allow_pickle=allow_pickle,
         bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None), group=group,
@@ -125,7 +142,7 @@ def _merge(base, subject, style, method, pattern, alpha, beta, gamma_mode, gamma
 
 def _wrote(result) -> str:
     switching = sum(1 for phases in result.schedule.layers.values() if len(phases) > 1)
-    return (f"wrote {result.output}: {result.method}, {result.both_adapted} both-adapted layers "
+    return (f"wrote {result.output}: {result.method}, {result.decided} both-adapted layers "
             f"({switching} switch during denoising), {len(result.schedule.layers)} modules in all")
 
 

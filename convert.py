@@ -16,9 +16,10 @@ from .calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from .calibration.probes import DEFAULT_EMBEDDER
 from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
-from .merge.checks import check_paths, check_report_dir, check_size, check_steps, pick_device
+from .merge.checks import LoraSpec, check_report_dir, check_size, check_sources, check_steps, pick_device
 from .merge.errors import LoraschedError
-from .merge.lora_io import read_pair, read_tensors
+from .merge.lora import STYLE, SUBJECT
+from .merge.lora_io import read_pair, read_set, read_tensors
 from .merge.schedule import Schedule, from_rule
 
 
@@ -28,7 +29,7 @@ class MergeResult:
     method: str
     schedule: Schedule
     params: dict
-    both_adapted: int
+    decided: int
     search: object | None = None  # calibration.balance.Search of `--balance auto`
 
 
@@ -70,8 +71,8 @@ class Balance:
     def check(self, method: str, options: rules.RuleOptions, group: Group) -> None:
         from .calibration.balance import grid
 
-        if method == "direct":
-            raise LoraschedError("--balance auto: direct has no balance knob (use klora, est or feature-kl)")
+        if method == "direct" or method in rules.SCHEDULED:
+            raise LoraschedError(f"--balance auto: {method} has no balance knob (use klora, est or feature-kl)")
         if not (self.subject_images and self.style_images):
             raise LoraschedError("--balance auto: give --subject-images and --style-images (what the search scores "
                                  "against)")
@@ -83,10 +84,14 @@ class Balance:
         grid(None if method in rules.CALIBRATED else 0.0, self.betas, self.gamma_scales)
 
 
-def merge(
+def merge(base: str, subject: str, style: str, output: str, *args, **kwargs) -> MergeResult | None:
+    """`merge_loras` of one subject and one style LoRA."""
+    return merge_loras(base, [LoraSpec(subject, SUBJECT), LoraSpec(style, STYLE)], output, *args, **kwargs)
+
+
+def merge_loras(
     base: str,
-    subject: str,
-    style: str,
+    loras: list[LoraSpec],
     output: str,
     method: str = "klora",
     options: rules.RuleOptions = rules.RuleOptions(),
@@ -103,7 +108,7 @@ def merge(
     balance: Balance | None = None,
     search_bar=None,
 ) -> MergeResult | None:
-    """Read, score (or calibrate), schedule and export.
+    """Read, score (or calibrate), schedule and export `loras`, the inputs with their roles and strengths.
 
     Under a launcher (`accelerate launch -m lorasched merge …`, see calibration/distributed.py) every process
     calls this; feature-kl calibration runs are shared among them and only the main process writes the file and
@@ -120,13 +125,20 @@ def merge(
     check_steps(steps)
     rules.validate(method, options)
     calibration.check()
-    check_paths(subject, style, output)
+    check_sources(loras, output)
+    pairwise = [spec.role for spec in loras] == [SUBJECT, STYLE]
+    pair_only = {f"--method {method}": method in rules.CALIBRATED, "--balance auto": balance is not None,
+                 "--method est without --beta (its probe images)": method == "est" and options.beta is None}
+    for what, needs_pair in pair_only.items():
+        if needs_pair and [spec.role for spec in loras] != [SUBJECT, STYLE]:
+            raise LoraschedError(f"{what}: works on one --subject and one --style; for more LoRAs use klora, est "
+                                 "with --beta, direct or a scheduled method")
     if balance is not None:
         balance.check(method, options, group)
     needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None) or balance is not None
     if not (group.is_main or method in rules.CALIBRATED):
         return None  # under a launcher, only feature-kl calibration is shared; the main process does the rest
-    pair = read_pair(base, subject, style, allow_pickle)
+    pair = read_set(base, loras, allow_pickle)
     device = group.device or pick_device(device)
     if needs_runs:
         from .calibration.pipeline import default_size, load_pipeline
@@ -158,7 +170,8 @@ def merge(
 
             probe = probe_beta(pipe, pair, prompts[0], calibration.embedder, steps, calibration.guidance, size)
             options = replace(options, beta=probe["beta"])
-        rule, params = rules.build(method, pair, options, device, progress)
+        pair = rules.prepare(method, pair, options)
+        rule, params = rules.build(method, pair, options, device, progress, steps)
         if balance is not None:
             from .calibration.balance import switch_knob
 
@@ -173,7 +186,7 @@ def merge(
         scores = getattr(rule, "scores", {})
     export.export(output, pair, schedule, method=method, params=params, scores=scores, dtype=dtype,
                   tensor_format=tensor_format)
-    return MergeResult(Path(output), method, schedule, params, len(pair.both_adapted), search)
+    return MergeResult(Path(output), method, schedule, params, len(pair.decided), search)
 
 
 def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar,
@@ -311,8 +324,12 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
         if None in sources:
             raise LoraschedError(f"{path}: give both --subject and --style, or neither")
         pair = read_pair(base, *sources)
-        for lora, role in ((pair.subject, "subject"), (pair.style, "style")):
-            if lora.sha256 != scheduled.sources[role]["sha256"]:
+        if scheduled.roles != (SUBJECT, STYLE):
+            raise LoraschedError(f"{path}: --subject and --style check a pair's file; this one has "
+                                 f"{len(scheduled.roles)} sources")
+        for lora, source in zip((pair.subject, pair.style), scheduled.sources):
+            role = source["role"]
+            if lora.sha256 != source["sha256"]:
                 raise LoraschedError(f"{lora.path}: is not the {role} LoRA this file was made from (sha256 differs)")
     group = group or distributed.current()
     pipe = load_pipeline(base, group.device or pick_device(device))

@@ -86,9 +86,8 @@ def up_to_date(row: Row) -> bool:
         return False
     try:
         scheduled = fileformat.read(output)
-        return scheduled.method == row.method and all(
-            scheduled.sources[role]["sha256"] == file_sha256(path)
-            for role, path in (("subject", row.subject), ("style", row.style)))
+        return scheduled.method == row.method and [source["sha256"] for source in scheduled.sources] == \
+            [file_sha256(path) for path in (row.subject, row.style)]
     except (LoraschedError, OSError):
         return False
 

@@ -125,7 +125,7 @@ def main() -> None:
 
     runs = len(settings.runs())
     print(f"\ndevice {device} ({dtype}), {args.resolution} px, {args.steps} steps, {len(prompts)} prompts × "
-          f"{len(seeds)} seed(s), CFG 7.5, batch {len(prompts)}; {len(pair.both_adapted)} both-adapted layers, "
+          f"{len(seeds)} seed(s), CFG 7.5, batch {len(prompts)}; {len(pair.decided)} both-adapted layers, "
           f"rank {args.rank}")
     print(f"{'run':<52}{'seconds':>9}{'ratio':>8}")
     print(f"{'plain pipeline, no LoRA (same passes)':<52}{plain:>9.1f}{1.0:>8.2f}")

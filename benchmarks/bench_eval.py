@@ -123,7 +123,7 @@ def main() -> None:
 
     plain_image = sum(plain) / len(plain)
     print(f"\ndevice {device} ({dtype}), {args.resolution} px, {args.steps} steps, CFG 7.5, {len(prompts)} prompt(s) × "
-          f"{len(seeds)} seed(s); SD1.5-size random pipeline, rank-{args.rank} pair over {len(pair.both_adapted)} "
+          f"{len(seeds)} seed(s); SD1.5-size random pipeline, rank-{args.rank} pair over {len(pair.decided)} "
           f"both-adapted layers; random CLIP ViT-B/32 + DINO ViT-S/16 embedders")
     print(f"{'job':<58}{'images':>7}{'seconds':>9}{'s/image':>9}{'ratio':>7}")
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from lorasched.calibration.online import OnlineRule  # noqa: E402
 from lorasched.merge import rules  # noqa: E402
 from lorasched.merge.export import export  # noqa: E402
-from lorasched.merge.lora import LoraFile, LoraModule, LoraPair  # noqa: E402
+from lorasched.merge.lora import LoraFile, LoraModule, LoraSet  # noqa: E402
 from lorasched.merge.quiet import collected_loading_messages  # noqa: E402
 from lorasched.merge.replay import attach  # noqa: E402
 from lorasched.merge.rules.feature_kl import FeatureKLRule  # noqa: E402
@@ -52,7 +52,7 @@ def tiny_sdxl_pipeline(unet):
     )
 
 
-def as_pair(subject: dict, style: dict) -> LoraPair:
+def as_pair(subject: dict, style: dict) -> LoraSet:
     def modules(tensors):
         out = {}
         for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
@@ -63,23 +63,27 @@ def as_pair(subject: dict, style: dict) -> LoraPair:
 
     files = [LoraFile(path=f"{role}.safetensors", sha256="0" * 64, dtype=torch.float16, modules=modules(t))
              for role, t in (("subject", subject), ("style", style))]
-    return LoraPair(subject=files[0], style=files[1], denoiser="unet",
-                    pipeline_class="StableDiffusionXLPipeline", single_text_encoder=False)
+    return LoraSet.pair(files[0], files[1], denoiser="unet", pipeline_class="StableDiffusionXLPipeline",
+                        single_text_encoder=False)
 
 
 class PublishedKLora:
     """K-LoRA's decision the way the public code computes it: dense ΔW and top-K for both LoRAs on every call."""
 
-    def __init__(self, pair: LoraPair, rule) -> None:
+    def __init__(self, pair: LoraSet, rule) -> None:
         self.pair, self.rule = pair, rule
 
-    def choose(self, name: str, p: float) -> str:
+    @property
+    def layers(self) -> list[str]:
+        return self.rule.layers
+
+    def choose(self, name: str, p: float) -> tuple[int, ...]:
         subject, style = self.pair.subject.modules[name], self.pair.style.modules[name]
         k = subject.rank * style.rank
         device = "cuda" if torch.cuda.is_available() else "cpu"
         score_c = float(subject.delta(torch.float32, device).abs_().flatten().topk(k).values.sum())
         score_s = float(style.delta(torch.float32, device).abs_().flatten().topk(k).values.sum())
-        return "subject" if score_c / self.rule.gamma > score_s * self.rule.ramp(p) else "style"
+        return (0,) if score_c / self.rule.gamma > score_s * self.rule.ramp(p) else (1,)
 
 
 def time_run(pipe, inputs, steps: int) -> list[float]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections import Counter
 
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import BOTH, STYLE, SUBJECT, LoraPair
+from lorasched.merge.lora import LoraSet
 from lorasched.merge.schedule import AXIS_NOISE, Schedule, fixed_phases
 
+from .online import CODES
 from .runner import Log
 
-SOURCE_OF = {"c": SUBJECT, "s": STYLE, "b": BOTH}
+SOURCE_OF = {code: selection for selection, code in CODES.items()}
+
+
 PREFERENCE = ("c", "s", "b")  # tie order among equally many votes (max keeps the first)
 
 
@@ -65,7 +68,7 @@ def suppress_short_runs(codes: list[str], min_run: int) -> list[str]:
             codes[i] = codes[neighbour[0]]
 
 
-def aggregate(log: Log, pair: LoraPair, min_run: int = 1) -> Schedule:
+def aggregate(log: Log, pair: LoraSet, min_run: int = 1) -> Schedule:
     """The consensus schedule of a log, with per-bin agreement and the bin starts."""
     if not log.runs:
         raise LoraschedError("the calibration log holds no finished runs")

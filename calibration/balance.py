@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraPair
+from lorasched.merge.lora import LoraSet
 from lorasched.merge.rules.feature_kl import FeatureKLRule
 from lorasched.merge.rules.switch import SwitchRule
 
@@ -144,11 +144,11 @@ def switch_knob(rule: SwitchRule, params: dict) -> Knob:
         beta=rule.ramp.beta,
         fixed={key: params[key] for key in ("alpha", "pattern", "gamma_mode")},
         pair_gamma=lambda settings: params["gamma"] / params["gamma_scale"],
-        rule=lambda candidate, gamma: rule.balanced(candidate.beta, gamma * candidate.gamma_scale),
+        rule=lambda candidate, gamma: rule.balanced(candidate.beta, candidate.gamma_scale),  # γ: the rule's own
     )
 
 
-def feature_kl_knob(pipe, pair: LoraPair, temperature: float) -> Knob:
+def feature_kl_knob(pipe, pair: LoraSet, temperature: float) -> Knob:
     """feature-kl: its γ from the balance run calibration makes (first prompt, first seed, both LoRAs), scaled."""
 
     def pair_gamma(settings: SearchSettings) -> float:
@@ -191,7 +191,7 @@ def _open_log(path: Path, settings: SearchSettings, pair_gamma: Callable[[Search
     return gamma, {}
 
 
-def search(pipe, pair: LoraPair, settings: SearchSettings, judge: Judge, log_path, knob: Knob, bar=None) -> Search:
+def search(pipe, pair: LoraSet, settings: SearchSettings, judge: Judge, log_path, knob: Knob, bar=None) -> Search:
     """Score every candidate of `settings` on the probes with the rule `knob` gives it, run online (see the module
     docstring); `bar` advances once per image."""
     log_path = Path(log_path)

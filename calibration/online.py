@@ -6,7 +6,7 @@ No PEFT, no schedule: this is the independent reference that replay is checked a
 calibration runs on.
 
 Rules come in two kinds. Weight-only rules (`choose(module, p)`) decide from the progress p alone, the same for
-every sample. Feature rules (`FeatureKLRule`) decide per sample from the layer's own features; with classifier-
+every sample, among the subjects and styles (static LoRAs ride along in every layer they adapt). Feature rules (`FeatureKLRule`) decide per sample from the layer's own features; with classifier-
 free guidance the batch is [unconditional; conditional] and each prompt's decision is taken on its conditional
 half and applied to both halves, so one choice per prompt, layer and step is what gets recorded and replayed.
 """
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from lorasched.merge.clock import Clock
-from lorasched.merge.lora import BOTH, SOURCES, STYLE, SUBJECT, LoraModule, LoraPair
+from lorasched.merge.lora import BOTH, STATIC, STYLE, SUBJECT, LoraModule, LoraSet
 from lorasched.merge.names import get_module
 from lorasched.merge.rules.feature_kl import FeatureKLRule, divergences
 
-CODES = {SUBJECT: "c", STYLE: "s", BOTH: "b"}
+
+CODES = {(0,): "c", (1,): "s", (0, 1): "b"}  # a pair's selections as the calibration log writes them
 
 
 def lora_output(module: torch.nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,8 @@ def _factors(lora: LoraModule, weight: torch.Tensor) -> tuple[torch.Tensor, torc
 @dataclass
 class Call:
     """One denoiser call: its timestep t, progress p, noise level q; per decided layer, per sample choice codes
-    (a string over the samples) and, for feature rules, the divergences (D_c, D_s) per sample."""
+    (a string over the samples; c, s or b for a pair's subject, style or both) and, for feature rules, the
+    divergences (D_c, D_s) per sample."""
 
     t: float
     p: float
@@ -57,28 +59,28 @@ class OnlineRule:
     every row of the batch as its own sample.
     """
 
-    def __init__(self, pipe, pair: LoraPair, rule, record: bool = False, samples: int | None = None) -> None:
+    def __init__(self, pipe, pair: LoraSet, rule, record: bool = False, samples: int | None = None) -> None:
         self.pipe, self.pair, self.rule, self.record, self.samples = pipe, pair, rule, record, samples
-        self.decided = set(pair.both_adapted)
+        self.decided = set(pair.decided if isinstance(rule, FeatureKLRule) else rule.layers)
+        self.statics = set(pair.indices(STATIC))
         self.clock = Clock.of(pipe)
         self.call: Call | None = None
         self.calls: list[Call] = []
         self._handles: list = []
 
-    def _fixed_sources(self, name: str) -> tuple[str, ...]:
-        return tuple(s for s in SOURCES if name in self.pair.source(s).modules)
-
     def _decide(self, name: str, module, x: torch.Tensor, output: torch.Tensor, factors: dict) -> torch.Tensor:
-        """The decided layer's output; records the choice (and scores) per sample. A weight-only rule runs only
-        the chosen LoRA's path; a feature rule needs both to decide."""
+        """The decided layer's output; records the choice (and scores). A weight-only rule runs only the chosen
+        LoRAs' paths; a feature rule needs both to decide."""
         if not isinstance(self.rule, FeatureKLRule):
-            choice = self.rule.choose(name, self.call.p)
-            if self.record:
-                self.call.choices[name] = CODES[choice] * (self.samples or output.shape[0])
-            for source in SOURCES if choice == BOTH else (choice,):
+            riders = tuple(i for i in factors if i in self.statics)
+            selection = tuple(sorted(self.rule.choose(name, self.call.p) + riders))
+            if self.record and self.pair.is_pair:  # the calibration log's codes; only a pair's choices have one
+                self.call.choices[name] = CODES[selection] * (self.samples or output.shape[0])
+            for source in selection:
                 output = output + lora_output(module, x, *factors[source])  # one source at a time, in PEFT's order
             return output
-        deltas = {source: lora_output(module, x, *factors[source]) for source in SOURCES}
+        subject, style = self.pair.selection(BOTH)
+        deltas = {SUBJECT: lora_output(module, x, *factors[subject]), STYLE: lora_output(module, x, *factors[style])}
         rows = output.shape[0]
         half = self.samples if self.samples and rows == 2 * self.samples else 0
         channel_dim = 1 if isinstance(module, torch.nn.Conv2d) else -1
@@ -101,8 +103,8 @@ class OnlineRule:
         return output + added
 
     def _hook(self, name: str, module):
-        fixed = self._fixed_sources(name)
-        factors = {s: _factors(self.pair.source(s).modules[name], module.weight) for s in fixed}
+        fixed = self.pair.adapting(name)
+        factors = {i: _factors(self.pair.sources[i].lora.modules[name], module.weight) for i in fixed}
         decided = name in self.decided
 
         def add_lora(module, inputs, output):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import STYLE, SUBJECT, LoraPair
+from lorasched.merge.lora import STYLE, SUBJECT, LoraSet
 from lorasched.merge.quiet import collected_loading_messages
 from lorasched.merge.rules.direct import DirectRule
 from PIL import Image
@@ -76,18 +76,20 @@ def embed(processor, model, images: list[Image.Image]) -> torch.Tensor:
     return (hidden[:, 0] if hidden.dim() == 3 else out.pooler_output.flatten(1)).float()
 
 
-def solo(pair: LoraPair, source: str) -> LoraPair:
+def solo(pair: LoraSet, source: str) -> LoraSet:
     """The pair with the other LoRA emptied: every module then runs `source` alone (nothing left to decide)."""
-    other = STYLE if source == SUBJECT else SUBJECT
-    return replace(pair, **{other: replace(pair.source(other), modules={})})
+    (keep,) = pair.selection(source)
+    return replace(pair, sources=tuple(s if i == keep else replace(s, lora=replace(s.lora, modules={}))
+                                       for i, s in enumerate(pair.sources)))
 
 
-def probe_beta(pipe, pair: LoraPair, prompt: str, embedder: str, steps: int, guidance: float, size: int) -> dict:
+def probe_beta(pipe, pair: LoraSet, prompt: str, embedder: str, steps: int, guidance: float, size: int) -> dict:
     """β and its provenance: the embedder, prompt, seed, steps and the cosine similarity measured."""
     processor, model = load_embedder(embedder, pipe.device.type)
     images = []
     for source in (SUBJECT, STYLE):
-        with OnlineRule(pipe, solo(pair, source), DirectRule()):
+        alone = solo(pair, source)
+        with OnlineRule(pipe, alone, DirectRule.of(alone)):
             images += pipe(
                 prompt=prompt,
                 num_inference_steps=steps,

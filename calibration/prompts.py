@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraFile, LoraPair
+from lorasched.merge.lora import LoraFile, LoraSet
 
 
 def read_prompts(given: tuple[str, ...]) -> list[str]:
@@ -44,7 +44,7 @@ def trigger_word(lora: LoraFile) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def trigger_prompts(pair: LoraPair) -> list[str]:
+def trigger_prompts(pair: LoraSet) -> list[str]:
     """One prompt joining the subject's and the style's trigger words; an error when neither file has any."""
     subject, style = trigger_word(pair.subject), trigger_word(pair.style)
     if subject is None and style is None:

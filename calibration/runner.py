@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraPair
+from lorasched.merge.lora import LoraSet
 from lorasched.merge.rules.feature_kl import FeatureKLRule, balance
 
 from .distributed import Group
@@ -92,7 +92,7 @@ def seeded_generators(seed: int, count: int) -> list[torch.Generator]:
 class Runner:
     """Runs the pipeline with a rule installed and turns what the rule recorded into log lines."""
 
-    def __init__(self, pipe, pair: LoraPair, settings: Settings, bar=None) -> None:
+    def __init__(self, pipe, pair: LoraSet, settings: Settings, bar=None) -> None:
         self.pipe, self.pair, self.settings, self.bar = pipe, pair, settings, bar
 
     def _step_callback(self, count: int):
@@ -116,7 +116,7 @@ class Runner:
                 output_type="latent",
                 callback_on_step_end=self._step_callback(len(prompts)),
             )
-        layers = self.pair.both_adapted
+        layers = self.pair.decided
         records = []
         for i, prompt in enumerate(prompts):
             calls = []
@@ -161,7 +161,7 @@ def _batches(settings: Settings, done: set[tuple[str, int]], batch_size: int) ->
     return batches
 
 
-def _open_log(pipe, pair: LoraPair, rule, settings: Settings, path: Path) -> Log:
+def _open_log(pipe, pair: LoraSet, rule, settings: Settings, path: Path) -> Log:
     """The log at `path` (checked against `settings`), or a new one with its header (and γ from the balance run)."""
     if path.exists() and path.stat().st_size:
         log = read_log(path)
@@ -171,12 +171,12 @@ def _open_log(pipe, pair: LoraPair, rule, settings: Settings, path: Path) -> Log
     gamma = None
     if isinstance(rule, FeatureKLRule) and rule.gamma is None:
         gamma = gamma_from_balance_run(Runner(pipe, pair, settings).run(rule, [settings.prompts[0]], settings.seeds[0]))
-    log = Log(settings=settings, layers=pair.both_adapted, gamma=gamma, runs=[])
+    log = Log(settings=settings, layers=pair.decided, gamma=gamma, runs=[])
     path.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
     return log
 
 
-def calibrate(pipe, pair: LoraPair, rule, settings: Settings, path: Path, batch_size: int = 4, bar=None,
+def calibrate(pipe, pair: LoraSet, rule, settings: Settings, path: Path, batch_size: int = 4, bar=None,
               group: Group = Group()) -> Log | None:
     """Run every (prompt, seed) not yet logged at `path` and log it; returns the complete log (None on the
     processes of a launch other than the main one).

@@ -17,29 +17,29 @@ from pathlib import Path
 import torch
 from lorasched.merge import fileformat, rules
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import SOURCES, LoraFile, LoraModule, LoraPair, denoiser_name
+from lorasched.merge.lora import STATIC, LoraFile, LoraModule, LoraSet, Source, denoiser_name
 from lorasched.merge.replay import attach, source_factors
 from lorasched.merge.report import decided_layers
 from lorasched.merge.rules.feature_kl import FeatureKLRule
 from lorasched.merge.schedule import AXIS_PROGRESS
 
 from .distributed import Group
-from .online import CODES, OnlineRule
+from .aggregate import SOURCE_OF
+from .online import OnlineRule
 from .runner import seeded_generators
 
 
-def pair_from_file(scheduled: fileformat.ScheduledFile, pipe) -> LoraPair:
-    """The two LoRAs as the file carries them (static weights divided out), ready for the online rule."""
-    modules = {source: {} for source in SOURCES}
+def loras_from_file(scheduled: fileformat.ScheduledFile, pipe) -> LoraSet:
+    """The LoRAs as the file carries them (static weights divided out), ready for the online rule."""
+    modules: list[dict[str, LoraModule]] = [{} for _ in scheduled.sources]
     for name, parts in source_factors(scheduled).items():
         for source, (down, up) in parts.items():
             modules[source][name] = LoraModule(down=down, up=up, scale=1.0)
-    files = {
-        source: LoraFile(path=info["file"], sha256=info["sha256"], dtype=torch.float32, modules=modules[source])
-        for source, info in scheduled.sources.items()
-    }
-    return LoraPair(subject=files["subject"], style=files["style"], denoiser=denoiser_name(pipe),
-                    pipeline_class=type(pipe).__name__)
+    sources = tuple(
+        Source(LoraFile(path=info["file"], sha256=info["sha256"], dtype=torch.float32, modules=found), info["role"])
+        for info, found in zip(scheduled.sources, modules)
+    )
+    return LoraSet(sources=sources, denoiser=denoiser_name(pipe), pipeline_class=type(pipe).__name__)
 
 
 @dataclass
@@ -146,7 +146,7 @@ class VerifyResult:
 
 
 def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int,
-           mode: str = "unfused", pair: LoraPair | None = None, bar=None,
+           mode: str = "unfused", pair: LoraSet | None = None, bar=None,
            group: Group = Group()) -> VerifyResult | None:
     """Online rule and replay side by side (see module docstring); `bar` is advanced once per generated image.
 
@@ -156,14 +156,16 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
     """
     scheduled = fileformat.read(path, with_tensors=True)
     schedule = scheduled.schedule
-    pair = pair or pair_from_file(scheduled, pipe)
-    rule = rules.from_file(scheduled.method, scheduled.params, scheduled.modules)
+    pair = pair or loras_from_file(scheduled, pipe)
+    rule = rules.from_file(scheduled)
     layers = decided_layers(scheduled)
     feature_rule = isinstance(rule, FeatureKLRule)
-    if feature_rule and not set(layers) <= set(pair.both_adapted):
-        missing = len(set(layers) - set(pair.both_adapted))
+    if feature_rule and not set(layers) <= set(pair.decided):
+        missing = len(set(layers) - set(pair.decided))
         raise LoraschedError(f"{path}: the file drops an unused LoRA's factors on {missing} layers; the online "
                              "feature-kl rule needs both: give --subject and --style")
+    statics = set(pair.indices(STATIC))
+    riders = {layer: tuple(i for i in pair.adapting(layer) if i in statics) for layer in layers}
     generate = Generation(pipe, steps, guidance, size)
     Generation(pipe, 1, guidance, size)(prompts[0], seeds[0])  # warm-up, so the first timed run is not penalised
     runs = group.share([(prompt, seed) for seed in seeds for prompt in prompts])
@@ -176,8 +178,9 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
         for step, call in enumerate(online.calls):
             at = call.p if schedule.axis == AXIS_PROGRESS else call.q
             for layer in layers:
-                decision = call.choices[layer] if feature_rule else CODES[rule.choose(layer, call.p)]
-                tally.add(layer, step, CODES[schedule.active(layer, at)] == decision)
+                decision = SOURCE_OF[call.choices[layer]] if feature_rule else \
+                    tuple(sorted(rule.choose(layer, call.p) + riders[layer]))
+                tally.add(layer, step, schedule.active(layer, at) == decision)
         if bar is not None:
             bar.update(1)
     handle = attach(pipe, path, mode=mode)

@@ -4,16 +4,69 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import LoraschedError
+from .lora import ROLES, STATIC, STYLE, SUBJECT
 
 
-def check_paths(subject: str, style: str, output: str) -> None:
+@dataclass(frozen=True)
+class LoraSpec:
+    """One input LoRA as the user names it: its path, its role, and the strength that multiplies its delta."""
+
+    path: str
+    role: str
+    strength: float = 1.0
+
+
+def parse_lora(text: str, role: str | None = None, option: str = "--lora") -> LoraSpec:
+    """`[ROLE=]PATH[:STRENGTH]`: `--subject`/`--style` give the role, `--lora` takes it from a `ROLE=` prefix
+    (default `static`). A `:STRENGTH` suffix is read only when it is a number, so `C:/loras/a.safetensors` stays a
+    path."""
+    given = text
+    prefix, sep, rest = text.partition("=")
+    if sep and prefix in ROLES:
+        if role is not None:
+            raise LoraschedError(f"{option} {given}: the role is given twice (by the option and by {prefix}=)")
+        role, text = prefix, rest
+        if rest.partition("=")[0] in ROLES:
+            raise LoraschedError(f"{option} {given}: the role is given twice")
+    strength = 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            strength = float(tail)
+        except ValueError:
+            pass
+        else:
+            text = head
+            if not math.isfinite(strength):
+                raise LoraschedError(f"{option} {given}: strength {tail} must be a finite number")
+    return LoraSpec(text, role or STATIC, strength)
+
+
+def check_sources(specs: list[LoraSpec], output: str) -> None:
+    """At least one subject and one style, each file given once, none of them the output."""
+    if len(specs) < 2:
+        raise LoraschedError("give at least two LoRAs: one --subject and one --style")
+    for role, option in ((SUBJECT, "--subject"), (STYLE, "--style")):
+        if not any(spec.role == role for spec in specs):
+            raise LoraschedError(f"no {role} LoRA: give {option} (or --lora {role}=PATH)")
+    seen: dict[str, str] = {}
+    for spec in specs:
+        key = os.path.realpath(spec.path)
+        if key in seen:
+            raise LoraschedError(f"{spec.path}: given twice (as {seen[key]} and as {spec.role}); give each file once")
+        seen[key] = spec.role
+    check_paths([spec.path for spec in specs], output)
+
+
+def check_paths(inputs: list[str], output: str) -> None:
     out = Path(output)
-    for given in (subject, style):
+    for given in inputs:
         if Path(given).exists() and out.exists() and os.path.samefile(given, out):
             raise LoraschedError(f"{output}: output path is one of the inputs")
         if Path(given).resolve() == out.resolve():

@@ -1,8 +1,8 @@
-"""Building the exported tensors: per module, both sources concatenated along the rank, in kohya or diffusers format.
+"""Building the exported tensors: per module, every source concatenated along the rank, in kohya or diffusers format.
 
-lora_down = [c_c·σ_c·A_c ; c_s·σ_s·A_s], lora_up = [B_c | B_s], scale 1, where c_k is the static weight
-(time-average of the schedule). A plain loader thus applies c_c·ΔW_c + c_s·ΔW_s; the replay hook divides c_k
-back out. A source's block is dropped where its static weight is 0.
+lora_down = [c_0·σ_0·A_0 ; c_1·σ_1·A_1 ; …], lora_up = [B_0 | B_1 | …], scale 1, where c_k is the static weight
+(time-average of the schedule) and σ_k the source's scale times its strength. A plain loader thus applies
+Σ c_k·ΔW_k; the replay hook divides c_k back out. A source's block is dropped where its static weight is 0.
 
 No `.alpha` keys are written: every loader reads a missing alpha as alpha = rank (scale 1), while explicit
 per-module alphas that differ are mis-scaled by diffusers 0.42 (see lora_io.kohya_folds).
@@ -23,7 +23,7 @@ import torch
 
 from . import fileformat
 from .errors import LoraschedError
-from .lora import SOURCES, LoraModule, LoraPair
+from .lora import LoraModule, LoraSet
 from .names import SgmLayout, kohya_key
 from .schedule import Schedule
 
@@ -64,43 +64,43 @@ def factor_names(name: str, tensor_format: str, single_text_encoder: bool,
     return key, f"{key}.lora_down.weight", f"{key}.lora_up.weight"
 
 
-def export_dtype(pair: LoraPair) -> torch.dtype:
-    return torch.promote_types(pair.subject.dtype, pair.style.dtype)
+def export_dtype(loras: LoraSet) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (source.lora.dtype for source in loras.sources))
 
 
 def _down(parts: list[tuple[LoraModule, float]], dtype: torch.dtype) -> torch.Tensor:
-    """[c_c·σ_c·A_c ; c_s·σ_s·A_s], scaled in float32."""
+    """[c_0·σ_0·A_0 ; c_1·σ_1·A_1 ; …], scaled in float32."""
     return torch.cat([module.down.to(torch.float32) * (weight * module.scale) for module, weight in parts], 0) \
         .to(dtype).contiguous()
 
 
 def _up(parts: list[tuple[LoraModule, float]], dtype: torch.dtype) -> torch.Tensor:
-    """[B_c | B_s]."""
+    """[B_0 | B_1 | …]."""
     return torch.cat([module.up.to(torch.float32) for module, _ in parts], 1).to(dtype).contiguous()
 
 
 def plan_tensors(
-    pair: LoraPair,
+    loras: LoraSet,
     schedule: Schedule,
     dtype: torch.dtype | None = None,
     tensor_format: str = KOHYA,
 ) -> tuple[list[fileformat.TensorSpec], dict]:
     """Every module's two tensors in `tensor_format`, as specs whose values are made when written (so a merge
     holds one module's factors at a time), and the per-module record (key, rank split, static weights)."""
-    dtype = dtype or export_dtype(pair)
+    dtype = dtype or export_dtype(loras)
     specs: list[fileformat.TensorSpec] = []
     records: dict[str, dict] = {}
-    for name in pair.module_names:
-        weights = schedule.static_weights(name)
+    for name in loras.module_names:
+        weights = schedule.static_weights(name, len(loras.sources))
         parts, ranks = [], []
-        for source, weight in zip(SOURCES, weights):
-            module = pair.source(source).modules.get(name)
+        for source, weight in zip(loras.sources, weights):
+            module = source.lora.modules.get(name)
             if module is None or weight == 0.0:
                 ranks.append(0)
                 continue
             parts.append((module, weight))
             ranks.append(module.rank)
-        key, down_name, up_name = factor_names(name, tensor_format, pair.single_text_encoder, pair.sgm)
+        key, down_name, up_name = factor_names(name, tensor_format, loras.single_text_encoder, loras.sgm)
         first = parts[0][0]
         down_shape = (sum(ranks), *first.down_shape[1:])
         up_shape = (first.up_shape[0], sum(ranks), *first.up_shape[2:])
@@ -110,7 +110,7 @@ def plan_tensors(
     return specs, records
 
 
-def compatibility_metadata(pipeline_class: str, title: str, sources: dict, max_rank: int) -> dict[str, str]:
+def compatibility_metadata(pipeline_class: str, title: str, sources: list[dict], max_rank: int) -> dict[str, str]:
     """The `ss_*` / `modelspec.*` keys UIs read to recognise and label a LoRA."""
     base_version, architecture = BASE_VERSIONS.get(pipeline_class, ("unknown", "unknown/lora"))
     return {
@@ -122,37 +122,41 @@ def compatibility_metadata(pipeline_class: str, title: str, sources: dict, max_r
         "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": title,
-        "modelspec.merged_from": ", ".join(s["file"] for s in sources.values()),
+        "modelspec.merged_from": ", ".join(s["file"] for s in sources),
         "modelspec.usage_hint": (
-            "Plain loading applies a fixed mix of both LoRAs. To replay the per-layer timestep schedule, "
+            "Plain loading applies a fixed mix of the merged LoRAs. To replay the per-layer timestep schedule, "
             "use the lorasched replay hook: from lorasched import attach; attach(pipe, this_file)."
         ),
     }
 
 
+def source_records(loras: LoraSet) -> list[dict]:
+    """What the file says of each input, in order: file name, content hash, dtype, role and strength."""
+    return [{"file": Path(source.lora.path).name, "sha256": source.lora.sha256,
+             "dtype": str(source.lora.dtype).removeprefix("torch."), "role": source.role, "strength": source.strength}
+            for source in loras.sources]
+
+
 def export(
     path,
-    pair: LoraPair,
+    loras: LoraSet,
     schedule: Schedule,
     *,
     method: str,
     params: dict,
-    scores: dict[str, tuple[float, float]],
+    scores: dict[str, tuple[float | None, ...]],
     dtype: torch.dtype | None = None,
     tensor_format: str | None = None,
 ) -> None:
     """Write the scheduled LoRA file (atomic, deterministic, one module's tensors at a time); dtype None keeps the
     inputs' (promoted) dtype, tensor_format None the architecture's default (see `resolve_format`)."""
-    tensor_format = resolve_format(tensor_format, pair.pipeline_class)
-    specs, records = plan_tensors(pair, schedule, dtype, tensor_format)
+    tensor_format = resolve_format(tensor_format, loras.pipeline_class)
+    specs, records = plan_tensors(loras, schedule, dtype, tensor_format)
     for name, score in scores.items():
         records[name]["scores"] = list(score)
-    sources = {
-        source: {"file": Path(lora.path).name, "sha256": lora.sha256, "dtype": str(lora.dtype).removeprefix("torch.")}
-        for source, lora in ((s, pair.source(s)) for s in SOURCES)
-    }
+    sources = source_records(loras)
     metadata = fileformat.pack(method, params, sources, schedule, records, tensor_format)
     max_rank = max(sum(record["ranks"]) for record in records.values())
     title = Path(path).stem
-    metadata.update(compatibility_metadata(pair.pipeline_class, title, sources, max_rank))
+    metadata.update(compatibility_metadata(loras.pipeline_class, title, sources, max_rank))
     fileformat.write_stream(path, specs, metadata)

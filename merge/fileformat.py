@@ -22,12 +22,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import FormatError
-from .lora import BOTH
+from .lora import ROLES
 from .schedule import Schedule
 from .tensorfile import DTYPE_NAMES, LAYOUT_RANK
 
 NAMESPACE = "lorasched"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", FORMAT_VERSION)  # format 1: a subject/style pair, sources and phases by role name
 KEY_VERSION = f"{NAMESPACE}.format_version"
 KEY_METHOD = f"{NAMESPACE}.method"
 KEY_PARAMS = f"{NAMESPACE}.params"
@@ -152,13 +153,17 @@ class ScheduledFile:
     metadata: dict[str, str]
     method: str
     params: dict
-    sources: dict
+    sources: list[dict]  # in file order: file, sha256, dtype, role, strength (format 1: the pair's two)
     modules: dict[str, dict]
     schedule: Schedule
     tensors: dict[str, torch.Tensor] | None = None  # named `<record key>.lora_down/up.weight` whatever the format
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(source["role"] for source in self.sources)
 
-def pack(method: str, params: dict, sources: dict, schedule: Schedule, records: dict[str, dict],
+
+def pack(method: str, params: dict, sources: list[dict], schedule: Schedule, records: dict[str, dict],
          tensor_format: str) -> dict[str, str]:
     """The `lorasched.*` metadata of a file (version and tensor hash are added by `write`)."""
     return {
@@ -190,20 +195,22 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
     version = metadata.get(KEY_VERSION)
     if version is None:
         raise FormatError(f"{path}: not a lorasched file (no {KEY_VERSION} in its metadata)")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"{path}: lorasched format {version} is not supported (need {FORMAT_VERSION})")
-    check = _Checker(path, metadata)
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"{path}: lorasched format {version} is not supported (this lorasched reads "
+                          f"{', '.join(READABLE_VERSIONS)})")
+    check = _Checker(path, metadata, named=version == "1")
     if metadata.get(KEY_TENSOR_FORMAT, TENSOR_FORMATS[0]) not in TENSOR_FORMATS:
         check.fail(KEY_TENSOR_FORMAT, f"is {metadata[KEY_TENSOR_FORMAT]!r}, not one of {', '.join(TENSOR_FORMATS)}")
     method = check.method()
+    sources = check.sources()
     scheduled = ScheduledFile(
         path=os.fspath(path),
         metadata=metadata,
         method=method,
         params=check.params(method),
-        sources=check.sources(),
-        modules=check.modules(),
-        schedule=check.schedule(),
+        sources=sources,
+        modules=check.modules(len(sources)),
+        schedule=check.schedule(len(sources)),
     )
     check.consistent(scheduled)
     if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
@@ -225,14 +232,15 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
     return replace(scheduled, tensors=tensors)
 
 
-METHOD_PARAMS = {"klora": ("alpha", "beta", "gamma"), "est": ("alpha", "beta", "gamma"), "direct": (),
-                 "feature-kl": ("gamma", "temperature")}
+METHOD_PARAMS = {"klora": ("alpha", "beta"), "est": ("alpha", "beta"), "direct": (),
+                 "feature-kl": ("gamma", "temperature"), "np-lora": ("mu",), "switch": ("period", "steps"),
+                 "windows": ("subject_end", "style_start"), "blocks": ()}
 NESTED_PARAMS = {  # what inspect shows of them
     "calibration": ("prompts", "seeds", "guidance", "size", "mean_agreement", "log"),
     "beta_source": ("similarity", "embedder", "prompt", "seed", "steps"),
     "balance": ("objective", "candidates", "chosen", "prompts", "seeds", "steps", "size", "clip", "dino", "log"),
 }
-SOURCE_NAMES = ("subject", "style")
+SOURCE_NAMES = ("subject", "style")  # format 1's two sources, in order
 TENSOR_FORMATS = ("kohya", "diffusers")
 
 
@@ -243,8 +251,8 @@ def _finite(value) -> bool:
 class _Checker:
     """The schema, checked key by key; the first problem raises with the key it is in."""
 
-    def __init__(self, path, metadata: dict[str, str]) -> None:
-        self.path, self.metadata = path, metadata
+    def __init__(self, path, metadata: dict[str, str], named: bool) -> None:
+        self.path, self.metadata, self.named = path, metadata, named
 
     def fail(self, key: str, problem: str):
         raise FormatError(f"{self.path}: metadata {key} {problem}")
@@ -272,6 +280,8 @@ class _Checker:
         for name in METHOD_PARAMS[method]:
             if not _finite(params.get(name)):
                 self.fail(KEY_PARAMS, f"needs a finite number {name!r} for {method} (has {params.get(name)!r})")
+        if method in ("klora", "est"):
+            self.gammas(params)
         if "steps" in params and not (isinstance(params["steps"], int) and params["steps"] >= 1):
             self.fail(KEY_PARAMS, f"has steps {params['steps']!r}, not a positive integer")
         if "gamma_scale" in params and not (_finite(params["gamma_scale"]) and params["gamma_scale"] > 0):
@@ -302,16 +312,42 @@ class _Checker:
         if not (isinstance(chosen, dict) and (chosen.get("beta"), chosen.get("gamma_scale")) in knobs):
             self.fail(KEY_PARAMS, f"has balance chosen {chosen!r}, which is none of its candidates")
 
-    def sources(self) -> dict:
-        sources = self.json(KEY_SOURCES, dict)
-        for role in SOURCE_NAMES:
-            info = sources.get(role)
+    def gammas(self, params: dict) -> None:
+        """A switch's balance: one finite `gamma` (a pair), or per subject/style pairing `gammas` and per LoRA
+        `norms`."""
+        if "gammas" not in params:
+            if not _finite(params.get("gamma")):
+                self.fail(KEY_PARAMS, f"needs a finite number 'gamma' (has {params.get('gamma')!r})")
+            return
+        gammas, norms = params["gammas"], params.get("norms")
+        if not (isinstance(gammas, list) and gammas and all(
+                isinstance(g, list) and len(g) == 3 and all(isinstance(i, int) for i in g[:2]) and _finite(g[2])
+                for g in gammas) and isinstance(norms, list) and all(_finite(n) for n in norms)):
+            self.fail(KEY_PARAMS, "has gammas that are not [[subject, style, γ], …] with finite norms")
+
+    def sources(self) -> list[dict]:
+        """The sources in file order; format 1's {subject, style} object becomes that list."""
+        if self.named:
+            sources = self.json(KEY_SOURCES, dict)
+            for role in SOURCE_NAMES:
+                if not isinstance(sources.get(role), dict):
+                    self.fail(KEY_SOURCES, f"has no {role} with a file name and sha256")
+            sources = [{**sources[role], "role": role} for role in SOURCE_NAMES]
+        else:
+            sources = self.json(KEY_SOURCES, list)
+        files = set()
+        for index, info in enumerate(sources):
             if not isinstance(info, dict) or not isinstance(info.get("file"), str) or \
-                    not isinstance(info.get("sha256"), str):
-                self.fail(KEY_SOURCES, f"has no {role} with a file name and sha256")
+                    not isinstance(info.get("sha256"), str) or info.get("role") not in ROLES:
+                self.fail(KEY_SOURCES, f"has source {index} without a file name, sha256 and role "
+                                       f"({', '.join(ROLES)})")
+            files.add(info["sha256"])
+        roles = [info["role"] for info in sources]
+        if "subject" not in roles or "style" not in roles or len(files) < len(sources):
+            self.fail(KEY_SOURCES, "needs at least one subject and one style, each file once")
         return sources
 
-    def modules(self) -> dict[str, dict]:
+    def modules(self, sources: int) -> dict[str, dict]:
         modules = self.json(KEY_MODULES, dict)
         if not modules:
             self.fail(KEY_MODULES, "lists no module")
@@ -319,19 +355,24 @@ class _Checker:
             if not isinstance(record, dict) or not isinstance(record.get("key"), str):
                 self.fail(KEY_MODULES, f"has no tensor key for {name}")
             ranks, static = record.get("ranks"), record.get("static")
-            if not (isinstance(ranks, list) and len(ranks) == 2 and
+            if not (isinstance(ranks, list) and len(ranks) == sources and
                     all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks) and sum(ranks)):
-                self.fail(KEY_MODULES, f"has ranks {ranks!r} for {name}, not two non-negative integers")
-            if not (isinstance(static, list) and len(static) == 2 and all(_finite(c) and 0 <= c <= 1 for c in static)):
-                self.fail(KEY_MODULES, f"has static weights {static!r} for {name}, not two numbers in [0, 1]")
+                self.fail(KEY_MODULES, f"has ranks {ranks!r} for {name}, not {sources} non-negative integers")
+            if not (isinstance(static, list) and len(static) == sources and
+                    all(_finite(c) and 0 <= c <= 1 for c in static)):
+                self.fail(KEY_MODULES, f"has static weights {static!r} for {name}, not {sources} numbers in [0, 1]")
+            scores = record.get("scores")
+            if scores is not None and not (isinstance(scores, list) and len(scores) == sources and
+                                           all(score is None or _finite(score) for score in scores)):
+                self.fail(KEY_MODULES, f"has scores {scores!r} for {name}, not {sources} numbers or nulls")
             if any(rank and not weight for rank, weight in zip(ranks, static)):
                 self.fail(KEY_MODULES, f"gives {name} a source with a rank but a static weight of 0")
         return modules
 
-    def schedule(self) -> Schedule:
+    def schedule(self, sources: int) -> Schedule:
         data = self.json(KEY_SCHEDULE, dict)
         try:
-            return Schedule.from_data(data)
+            return Schedule.from_data(data, sources, self.named)
         except ValueError as exc:
             self.fail(KEY_SCHEDULE, str(exc))
 
@@ -342,11 +383,13 @@ class _Checker:
             name = sorted(set(layers) ^ set(modules))[0]
             self.fail(KEY_SCHEDULE, f"and {KEY_MODULES} disagree on the layers ({name} is in only one)")
         for name, phases in layers.items():
-            ranks = dict(zip(SOURCE_NAMES, modules[name]["ranks"]))
-            for _, source in phases:
-                for part in SOURCE_NAMES if source == BOTH else (source,):
-                    if not ranks[part]:
-                        self.fail(KEY_SCHEDULE, f"makes {name} use the {part} LoRA, whose factors it does not carry")
+            ranks = modules[name]["ranks"]
+            for _, selection in phases:
+                for index in selection:
+                    if not ranks[index]:
+                        source = scheduled.sources[index]
+                        self.fail(KEY_SCHEDULE, f"makes {name} use the {source['role']} LoRA {source['file']} "
+                                                f"(source {index}), whose factors it does not carry")
 
     def shapes(self, modules: dict[str, dict], shapes: dict[str, tuple[int, ...]]) -> None:
         """Each module's factors exist, as matrices (or conv kernels) of the recorded total rank."""

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from .errors import LoraschedError
 from .fileformat import ScheduledFile
-from .lora import BOTH, STYLE, SUBJECT
+from .report import selection_label, source_labels
 from .schedule import AXIS_PROGRESS, Schedule
 
-COLORS = {SUBJECT: "#e68c28", STYLE: "#3c6ec8", BOTH: "#9a5aaa"}
-CODES = {SUBJECT: 0, STYLE: 1, BOTH: 2}
+PAIR_COLORS = {"subject": "#e68c28", "style": "#3c6ec8", "both": "#9a5aaa"}  # a pair's: orange, blue, purple
 ROWS_PER_PANEL = 160
 ROW_INCHES = 0.12
 
@@ -30,8 +29,8 @@ def columns(schedule: Schedule, steps: int) -> list[float]:
     return list(schedule.bins)
 
 
-def schedule_cells(schedule: Schedule, layers: list[str], steps: int) -> list[list[str]]:
-    """The picture's content: per layer, the source active at each column (step or calibration bin)."""
+def schedule_cells(schedule: Schedule, layers: list[str], steps: int) -> list[list[tuple[int, ...]]]:
+    """The picture's content: per layer, the sources active at each column (step or calibration bin)."""
     times = columns(schedule, steps)
     return [[schedule.active(name, at) for at in times] for name in layers]
 
@@ -117,19 +116,30 @@ def draw_schedule(scheduled: ScheduledFile, layers: list[str], steps: int, path)
 
     schedule = scheduled.schedule
     times = columns(schedule, steps)
-    colormap = ListedColormap([COLORS[SUBJECT], COLORS[STYLE], COLORS[BOTH]])
-
     cells = dict(zip(layers, schedule_cells(schedule, layers, steps)))
+    labels = source_labels(scheduled.roles)
+    shown = sorted({selection for row in cells.values() for selection in row}, key=lambda s: (len(s), s))
+    names = [selection_label(selection, labels) for selection in shown]
+    if set(names) <= set(PAIR_COLORS):
+        colors = [PAIR_COLORS[name] for name in names]
+    else:
+        import matplotlib
+
+        palette = matplotlib.colormaps["tab10"]
+        colors = [palette(i % 10) for i in range(len(names))]
+    colormap = ListedColormap(colors)
+    codes_of = {selection: code for code, selection in enumerate(shown)}
 
     def panel(axes, rows):
-        codes = [[CODES[source] for source in cells[name]] for name in rows]
-        return axes.imshow(codes, cmap=colormap, vmin=0, vmax=2, aspect="auto", interpolation="nearest")
+        codes = [[codes_of[selection] for selection in cells[name]] for name in rows]
+        return axes.imshow(codes, cmap=colormap, vmin=-0.5, vmax=len(shown) - 0.5, aspect="auto",
+                           interpolation="nearest")
 
     what = (f"active LoRA per layer and step ({steps} steps)" if schedule.axis == AXIS_PROGRESS
             else "active LoRA per layer and calibration bin")
     figure = _figure(layers, times, schedule, _title(scheduled, what), panel)
-    figure.legend(handles=[Patch(color=COLORS[s], label=s) for s in (SUBJECT, STYLE, BOTH)],
-                  loc="outside lower center", fontsize=8, ncols=3)
+    figure.legend(handles=[Patch(color=color, label=name) for color, name in zip(colors, names)],
+                  loc="outside lower center", fontsize=8, ncols=min(len(names), 4))
     _save(figure, path)
 
 

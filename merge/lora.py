@@ -11,7 +11,9 @@ from .names import SgmLayout
 
 SUBJECT = "subject"
 STYLE = "style"
+STATIC = "static"
 SOURCES = (SUBJECT, STYLE)
+ROLES = (SUBJECT, STYLE, STATIC)
 BOTH = "both"
 
 
@@ -45,6 +47,10 @@ class LoraModule:
     @property
     def up(self) -> torch.Tensor:
         return self._up if isinstance(self._up, torch.Tensor) else self._up.load()
+
+    def replaced(self, down: torch.Tensor | Factor | None = None, scale: float | None = None) -> LoraModule:
+        """The same module with another down factor or scale (the up factor stays where it is)."""
+        return LoraModule(self._down if down is None else down, self._up, self.scale if scale is None else scale)
 
     @property
     def down_shape(self) -> tuple[int, ...]:
@@ -81,32 +87,89 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class LoraPair:
-    """The subject and style LoRAs on the same base: which pipeline class, and which component is the denoiser."""
+Selection = tuple[int, ...]  # the sources active in a layer, by index into `LoraSet.sources`, ascending
 
-    subject: LoraFile
-    style: LoraFile
+
+@dataclass(frozen=True)
+class Source:
+    """One input LoRA with its role: `subject` and `style` sources are selected among; `static` ones stay on in
+    every layer they adapt. `strength` already multiplies the modules' scales."""
+
+    lora: LoraFile
+    role: str = SUBJECT
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """The input LoRAs on one base, in command-line order: which pipeline class, and which component denoises."""
+
+    sources: tuple[Source, ...]
     denoiser: str
     pipeline_class: str = "StableDiffusionPipeline"
     single_text_encoder: bool = True
     sgm: SgmLayout | None = None  # SDXL: kohya keys are written under SGM UNet names
 
-    def source(self, name: str) -> LoraFile:
-        return self.subject if name == SUBJECT else self.style
+    @classmethod
+    def pair(cls, subject: LoraFile, style: LoraFile, **kwargs) -> LoraSet:
+        return cls(sources=(Source(subject, SUBJECT), Source(style, STYLE)), **kwargs)
+
+    def indices(self, role: str) -> Selection:
+        return tuple(i for i, source in enumerate(self.sources) if source.role == role)
+
+    def adapting(self, name: str) -> Selection:
+        """The sources that adapt module `name`."""
+        return tuple(i for i, source in enumerate(self.sources) if name in source.lora.modules)
+
+    def switched(self, name: str) -> Selection:
+        """The subjects and styles that adapt module `name`: what a rule selects among there."""
+        return tuple(i for i in self.adapting(name) if self.sources[i].role != STATIC)
 
     @property
     def module_names(self) -> list[str]:
-        return sorted(set(self.subject.modules) | set(self.style.modules))
+        return sorted(set().union(*(source.lora.modules for source in self.sources)))
 
     @property
-    def both_adapted(self) -> list[str]:
-        """Denoiser modules both LoRAs adapt: the only ones a selection rule decides."""
+    def denoiser_modules(self) -> list[str]:
+        """Denoiser modules a subject or a style adapts: what the time-based methods (switch, windows) act on."""
+        return [name for name in self.module_names if self.is_denoiser(name) and self.switched(name)]
+
+    @property
+    def decided(self) -> list[str]:
+        """Denoiser modules at least one subject and one style adapt: the only ones a selection rule decides."""
         prefix = self.denoiser + "."
-        return sorted(n for n in set(self.subject.modules) & set(self.style.modules) if n.startswith(prefix))
+        subjects = set().union(*(self.sources[i].lora.modules for i in self.indices(SUBJECT)))
+        styles = set().union(*(self.sources[i].lora.modules for i in self.indices(STYLE)))
+        return sorted(n for n in subjects & styles if n.startswith(prefix))
 
     def is_denoiser(self, name: str) -> bool:
         return name.startswith(self.denoiser + ".")
+
+    @property
+    def is_pair(self) -> bool:
+        """One subject then one style and nothing else: what the calibrated rules (feature-kl) select between."""
+        return tuple(source.role for source in self.sources) == SOURCES
+
+    @property
+    def subject(self) -> LoraFile:
+        return self.source(SUBJECT)
+
+    @property
+    def style(self) -> LoraFile:
+        return self.source(STYLE)
+
+    def source(self, role: str) -> LoraFile:
+        """The one LoRA of a role, in a pair."""
+        if not self.is_pair:
+            raise ValueError("only a subject/style pair has one LoRA per role")
+        return self.sources[SOURCES.index(role)].lora
+
+    def selection(self, choice: str) -> Selection:
+        """A pair rule's choice (subject, style or both) as the sources it switches on."""
+        return PAIR_SELECTIONS[choice]
+
+
+PAIR_SELECTIONS = {SUBJECT: (0,), STYLE: (1,), BOTH: (0, 1)}
 
 
 def denoiser_name(pipe) -> str:

@@ -28,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 from .adapters import adapted
 from .base import Skeleton, load_skeleton
 from .errors import LoraschedError
-from .lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair, denoiser_name
+from .checks import LoraSpec
+from .lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraSet, Source, denoiser_name
 from .names import SgmLayout
 from .quiet import collected_loading_messages
 from .tensorfile import TensorFile
@@ -383,27 +384,49 @@ def read_lora(raw: RawLora, skeleton: Skeleton, adapter: str) -> LoraFile:
                     metadata=raw.metadata)
 
 
-def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -> LoraPair:
-    """Both LoRAs checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
+def _strengthened(lora: LoraFile, strength: float) -> LoraFile:
+    """The LoRA with its delta multiplied by `strength` (in each module's scale, so factors stay where they are)."""
+    if strength == 1.0:
+        return lora
+    modules = {name: module.replaced(scale=module.scale * strength) for name, module in lora.modules.items()}
+    return LoraFile(lora.path, lora.sha256, lora.dtype, modules, lora.metadata)
+
+
+def read_set(base: str, specs: list[LoraSpec], allow_pickle: bool = False) -> LoraSet:
+    """Every LoRA checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
     from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
 
-    raws = {SUBJECT: open_lora(subject, allow_pickle), STYLE: open_lora(style, allow_pickle)}
+    raws = [open_lora(spec.path, allow_pickle) for spec in specs]
     with ThreadPoolExecutor(2) as scanning:  # while the skeleton is built (reads, hashing and torch free the GIL)
-        scans = {role: scanning.submit(scan, raw) for role, raw in raws.items()}
-        skeleton = load_skeleton(base, torch.promote_types(raws[SUBJECT].dtype, raws[STYLE].dtype))
-        digests = {role: future.result() for role, future in scans.items()}
-    files = {role: LoraFile(path=str(raw.path), sha256=digests[role], dtype=raw.dtype,
-                            modules=read_modules(raw, skeleton, role), metadata=raw.metadata)
-             for role, raw in raws.items()}
-    pair = LoraPair(
-        subject=files[SUBJECT],
-        style=files[STYLE],
+        scans = [scanning.submit(scan, raw) for raw in raws]
+        skeleton = load_skeleton(base, functools.reduce(torch.promote_types, (raw.dtype for raw in raws)))
+        digests = [future.result() for future in scans]
+    for index, digest in enumerate(digests):
+        if digest in digests[:index]:
+            first = specs[digests.index(digest)]
+            raise LoraschedError(f"{specs[index].path}: is the same file as {first.path} (same sha256); give each "
+                                 "LoRA once")
+    sources = tuple(
+        Source(_strengthened(LoraFile(path=str(raw.path), sha256=digest, dtype=raw.dtype,
+                                      modules=read_modules(raw, skeleton, f"source{index}"), metadata=raw.metadata),
+                             spec.strength), spec.role, spec.strength)
+        for index, (spec, raw, digest) in enumerate(zip(specs, raws, digests))
+    )
+    loras = LoraSet(
+        sources=sources,
         denoiser=denoiser_name(skeleton),
         pipeline_class=skeleton.pipeline_class,
         single_text_encoder="text_encoder_2" not in skeleton.components,
         sgm=SgmLayout.of(skeleton.unet.config) if issubclass(skeleton.loader, StableDiffusionXLLoraLoaderMixin)
         else None,
     )
-    if not pair.both_adapted:
-        raise LoraschedError(f"{style}: adapts no denoiser module that {subject} adapts; nothing to schedule")
-    return pair
+    if not loras.decided:
+        subjects = ", ".join(spec.path for spec in specs if spec.role == SUBJECT)
+        styles = ", ".join(spec.path for spec in specs if spec.role == STYLE)
+        raise LoraschedError(f"{styles}: adapts no denoiser module that {subjects} adapts; nothing to schedule")
+    return loras
+
+
+def read_pair(base: str, subject: str, style: str, allow_pickle: bool = False) -> LoraSet:
+    """A subject and a style LoRA (`read_set` of the two)."""
+    return read_set(base, [LoraSpec(subject, SUBJECT), LoraSpec(style, STYLE)], allow_pickle)

@@ -9,9 +9,9 @@ switch points. Two modes:
   their switch points from an exact copy of the original weight (no drift in fp16/bf16). Between switches the
   denoiser runs at the base model's own speed; weights change in place, so `torch.compile`d denoisers keep their
   graphs. `cross_attention_kwargs={"scale": s}` has no effect on fused layers.
-- `unfused`: the factors are split back into a subject and a style adapter, loaded with the pipeline's own
-  `load_lora_weights`; a switch sets which adapter is active in that layer (one LoRA path per layer, not two with
-  a zero scale). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a compiled denoiser.
+- `unfused`: the factors are split back into one adapter per source, loaded with the pipeline's own
+  `load_lora_weights`; a switch sets which adapters are active in that layer (one LoRA path per active source,
+  not all of them with zero scales). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a compiled denoiser.
 
 Import-light on purpose: torch, safetensors, json (through fileformat) and the objects it is handed.
 """
@@ -26,24 +26,30 @@ import torch
 from . import fileformat
 from .clock import Clock
 from .errors import LoraschedError
-from .lora import BOTH, SOURCES, STYLE, SUBJECT, denoiser_name
+from .lora import Selection, denoiser_name
 from .names import get_module
 from .quiet import collected_loading_messages, key_problems
 
 MODES = ("fused", "unfused")
-ADAPTERS = {SUBJECT: "lorasched_subject", STYLE: "lorasched_style"}
-_ACTIVE = {SUBJECT: (SUBJECT,), STYLE: (STYLE,), BOTH: (SUBJECT, STYLE)}
+ADAPTER_PREFIX = "lorasched_"
 
 
-def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Undo the export's rank concatenation: per module, per source, (down, up) with the static weight divided out."""
-    factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+def adapter_names(roles: tuple[str, ...]) -> list[str]:
+    """The PEFT adapter of each source in unfused mode: `lorasched_<role>`, numbered from the second of a role on."""
+    return [f"{ADAPTER_PREFIX}{role}" + (f"_{roles[:i].count(role) + 1}" if role in roles[:i] else "")
+            for i, role in enumerate(roles)]
+
+
+def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Undo the export's rank concatenation: per module, per source index, (down, up) with the static weight
+    divided out."""
+    factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, record in scheduled.modules.items():
         key = record["key"]
         down = scheduled.tensors[f"{key}.lora_down.weight"]
         up = scheduled.tensors[f"{key}.lora_up.weight"]
         offset, parts = 0, {}
-        for source, rank, weight in zip(SOURCES, record["ranks"], record["static"]):
+        for source, (rank, weight) in enumerate(zip(record["ranks"], record["static"])):
             if rank:
                 parts[source] = (down[offset : offset + rank].float() / weight, up[:, offset : offset + rank].float())
                 offset += rank
@@ -55,7 +61,8 @@ class _FusedWeight:
     """A layer whose active delta lives inside its weight; `write(source)` re-merges from the original.
 
     The exact original is kept on the weight's device for switching layers (re-merged during denoising) and
-    on the CPU for the others (only needed by `detach`). A write is one fused `addmm` per active source.
+    on the CPU for the others (only needed by `detach`). A write is one fused `addmm` per active source (a copy of
+    the original when none is).
     """
 
     def __init__(self, module: torch.nn.Module, factors: dict, keep_on_device: bool) -> None:
@@ -66,11 +73,14 @@ class _FusedWeight:
                         for source, (down, up) in factors.items()}
         self.original = self.weight.detach().clone() if keep_on_device else self.weight.detach().to("cpu", copy=True)
 
-    def write(self, source: str) -> None:
+    def write(self, selection: Selection) -> None:
         weight = self.weight.data.view(self.weight.shape[0], -1)
         original = self.original.to(weight.device).view_as(weight)
         with torch.no_grad():
-            first, *rest = _ACTIVE[source]
+            if not selection:
+                weight.copy_(original)
+                return
+            first, *rest = selection
             down, up = self.factors[first]
             torch.addmm(original, up, down, out=weight)
             for part in rest:
@@ -82,24 +92,24 @@ class _FusedWeight:
             self.weight.copy_(self.original)
 
 
-def _set_active_adapter(layer, source: str) -> None:
-    others = [name for name in layer.active_adapters if name not in ADAPTERS.values()]
-    layer.set_adapter(others + [ADAPTERS[s] for s in _ACTIVE[source]], inference_mode=True)
+def _set_active_adapters(layer, adapters: list[str], selection: Selection) -> None:
+    others = [name for name in layer.active_adapters if name not in adapters]
+    layer.set_adapter(others + [adapters[i] for i in selection], inference_mode=True)
 
 
 class _Track:
     """One switching layer: its phase starts and sources, how to write a source, and what it runs now."""
 
-    __slots__ = ("write", "starts", "sources", "current")
+    __slots__ = ("write", "starts", "selections", "current")
 
     def __init__(self, write, phases) -> None:
         self.write = write
         self.starts = [start for start, _ in phases]
-        self.sources = [source for _, source in phases]
+        self.selections = [selection for _, selection in phases]
         self.current = None
 
-    def source_at(self, p: float) -> str:
-        return self.sources[bisect.bisect_right(self.starts, p) - 1]
+    def selection_at(self, p: float) -> Selection:
+        return self.selections[bisect.bisect_right(self.starts, p) - 1]
 
 
 def resolve_layers(pipe, scheduled: fileformat.ScheduledFile) -> dict[str, torch.nn.Module]:
@@ -128,6 +138,7 @@ class ReplayHandle:
 
     def __init__(self, pipe, scheduled: fileformat.ScheduledFile, mode: str) -> None:
         self.pipe, self.file, self.schedule, self.mode = pipe, scheduled, scheduled.schedule, mode
+        self.adapters = adapter_names(scheduled.roles)
         layers = resolve_layers(pipe, scheduled)
         self._fused: list[_FusedWeight] = []
         self._loaded: list[str] = []
@@ -158,7 +169,7 @@ class ReplayHandle:
                 self._fused.append(fused)
                 write = fused.write
             else:  # resolved again: loading the adapters wrapped the layer
-                write = partial(_set_active_adapter, get_module(self.pipe, name))
+                write = partial(_set_active_adapters, get_module(self.pipe, name), self.adapters)
             if switching:
                 self.tracks.append(_Track(write, phases))
             else:
@@ -172,7 +183,7 @@ class ReplayHandle:
         active = self._user_adapters()
         try:
             with collected_loading_messages() as messages:
-                for source in SOURCES:
+                for source, adapter in enumerate(self.adapters):
                     state_dict = {}
                     for name, parts in factors.items():
                         if source in parts:
@@ -180,8 +191,8 @@ class ReplayHandle:
                             state_dict[f"{name}.lora_A.weight"] = down.to(dtype)
                             state_dict[f"{name}.lora_B.weight"] = up.to(dtype)
                     if state_dict:
-                        self._loaded.append(ADAPTERS[source])
-                        self.pipe.load_lora_weights(state_dict, adapter_name=ADAPTERS[source])
+                        self._loaded.append(adapter)
+                        self.pipe.load_lora_weights(state_dict, adapter_name=adapter)
             problems = key_problems(messages)
             if problems:
                 raise LoraschedError(f"{self.file.path}: does not fit this pipeline ({problems[0][:240]})")
@@ -196,7 +207,7 @@ class ReplayHandle:
         """The adapters active now that are not ours."""
         if not any(self.pipe.get_list_adapters().values()):
             return []
-        return [name for name in self.pipe.get_active_adapters() if name not in ADAPTERS.values()]
+        return [name for name in self.pipe.get_active_adapters() if name not in self.adapters]
 
     def _undo(self) -> None:
         """Give back what was changed so far: original weights, and our adapters only (the user's, loaded
@@ -232,10 +243,10 @@ class ReplayHandle:
             return
         self._segment = segment
         for track in self.tracks:
-            source = track.source_at(p)
-            if source != track.current:
-                track.write(source)
-                track.current = source
+            selection = track.selection_at(p)
+            if selection != track.current:
+                track.write(selection)
+                track.current = selection
 
     @property
     def attached(self) -> bool:

@@ -14,12 +14,27 @@ def first_step(p: float, steps: int) -> int:
     return math.ceil(p * steps - 1e-12)
 
 
-def describe_phases(phases, steps: int, schedule: Schedule) -> str:
+def source_labels(roles: tuple[str, ...]) -> list[str]:
+    """Each source's short name: its role, numbered when the file has several of that role (`subject2`)."""
+    return [role if roles.count(role) == 1 else f"{role}{roles[:i].count(role) + 1}" for i, role in enumerate(roles)]
+
+
+def selection_label(selection: tuple[int, ...], labels: list[str]) -> str:
+    """`style`, `subject1+style`; `both` for a pair's two, `none` where no LoRA is active."""
+    if not selection:
+        return "none"
+    if labels == ["subject", "style"] and selection == (0, 1):
+        return "both"
+    return "+".join(labels[i] for i in selection)
+
+
+def describe_phases(phases, steps: int, schedule: Schedule, labels: list[str]) -> str:
     """`subject → style at p=0.350 (step 7)`; on the noise axis `at q=…` with the calibration step it begins."""
     if len(phases) == 1:
-        return f"{phases[0][1]} throughout"
-    parts = [phases[0][1]]
-    for start, source in phases[1:]:
+        return f"{selection_label(phases[0][1], labels)} throughout"
+    parts = [selection_label(phases[0][1], labels)]
+    for start, selection in phases[1:]:
+        source = selection_label(selection, labels)
         if schedule.axis == AXIS_PROGRESS:
             parts.append(f"→ {source} at p={start:.3f} (step {first_step(start, steps)})")
         else:
@@ -52,8 +67,10 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
         )
     if search:
         lines += balance_lines(search)
-    for role, source in sorted(scheduled.sources.items(), reverse=True):
-        lines.append(f"{role:<11} {source['file']}  sha256 {source['sha256'][:12]}  {source['dtype']}")
+    for label, source in zip(source_labels(scheduled.roles), scheduled.sources):
+        strength = source.get("strength", 1.0)
+        lines.append(f"{label:<11} {source['file']}  sha256 {source['sha256'][:12]}  {source['dtype']}"
+                     + (f"  strength {strength:g}" if strength != 1.0 else ""))
     axis = (f"step numbers below are for {steps} steps" if schedule.axis == AXIS_PROGRESS
             else "time axis: noise level q = 1 − t/T, steps as in calibration")
     lines.append(
@@ -97,24 +114,30 @@ def table_lines(scheduled: ScheduledFile, max_layers: int | None = None) -> list
     steps = int(scheduled.params.get("steps", 30))
     names = sorted(schedule.layers)
     width = max(len(name) for name in names)
-    lines = [f"{'layer':<{width}}  static c/s   schedule"]
+    labels = source_labels(scheduled.roles)
+    heading = "static c/s" if labels == ["subject", "style"] else "static " + "/".join(labels)
+    lines = [f"{'layer':<{width}}  {heading}  schedule"]
     for name in names[:max_layers]:
-        c_subject, c_style = scheduled.modules[name]["static"]
-        phases = describe_phases(schedule.layers[name], steps, schedule)
-        lines.append(f"{name:<{width}}  {c_subject:.2f}/{c_style:.2f}  {phases}")
+        static = "/".join(f"{weight:.2f}" for weight in scheduled.modules[name]["static"])
+        phases = describe_phases(schedule.layers[name], steps, schedule, labels)
+        lines.append(f"{name:<{width}}  {static:<{len(heading)}}  {phases}")
     if max_layers is not None and len(names) > max_layers:
         lines.append(f"… {len(names) - max_layers} more layers (--max-layers to show more)")
     return lines
 
 
 def decided_layers(scheduled: ScheduledFile) -> list[str]:
-    schedule = scheduled.schedule
     """The denoiser layers a rule decides: those with calibration votes or recorded scores; for a rule without
-    either (direct), every layer outside the text encoders that carries both LoRAs."""
+    either, every layer outside the text encoders that carries a subject and a style."""
+    schedule = scheduled.schedule
     if schedule.agreement is not None:
         return sorted(schedule.agreement)
     scored = sorted(name for name, record in scheduled.modules.items() if "scores" in record)
+
+    def carries(record: dict, role: str) -> bool:
+        return any(rank for rank, r in zip(record["ranks"], scheduled.roles) if r == role)
+
     return scored or sorted(
         name for name, record in scheduled.modules.items()
-        if all(record["ranks"]) and not name.startswith("text_encoder")
+        if carries(record, "subject") and carries(record, "style") and not name.startswith("text_encoder")
     )

@@ -6,9 +6,10 @@ Two time axes, both running from 0 at the first (noisiest) step to 1 at the end:
 - `noise`: q = 1 − t / T_train, from the model's own timestep t (ComfyUI's "start percent"). Calibrated rules
   live here: a decision recorded at a noise level replays at that noise level for any step count or scheduler.
 
-Each layer is a short list of phases (start, source), source one of subject / style / both, sorted by start and
-beginning at 0; a phase lasts until the next one starts. Serialised as compact JSON in the file's metadata, with
-optional per-phase agreement fractions for calibrated schedules.
+Each layer is a short list of phases (start, selection), the selection being the indices of the sources active
+(`LoraSet.sources`; empty where none is), sorted by start and beginning at 0; a phase lasts until the next one
+starts. Serialised as compact JSON in the file's metadata, with optional per-phase agreement fractions for
+calibrated schedules. Format-1 files name the selection `subject`, `style` or `both` (sources 0, 1 or both).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import json
 import math
 from dataclasses import dataclass
 
-from .lora import BOTH, STYLE, SUBJECT, LoraPair
+from .lora import PAIR_SELECTIONS, STATIC, LoraSet, Selection
 
-Phase = tuple[float, str]
+Phase = tuple[float, Selection]
 AXIS_PROGRESS = "progress"
 AXIS_NOISE = "noise"
 AXES = (AXIS_PROGRESS, AXIS_NOISE)
-SOURCE_CHOICES = (SUBJECT, STYLE, BOTH)
 
 
 @dataclass(frozen=True)
@@ -34,43 +34,46 @@ class Schedule:
     agreement: dict[str, tuple[float, ...]] | None = None  # calibrated: per layer, per bin, share of the votes
     bins: tuple[float, ...] | None = None  # calibrated: the start of each time bin
 
-    def active(self, layer: str, p: float) -> str:
+    def active(self, layer: str, p: float) -> Selection:
         phases = self.layers[layer]
         return phases[bisect.bisect_right([start for start, _ in phases], p) - 1][1]
 
     def switch_points(self, layer: str) -> list[float]:
         return [start for start, _ in self.layers[layer][1:]]
 
-    def static_weights(self, layer: str) -> tuple[float, float]:
-        """Fraction of progress each source is active: what a plain loader should apply as a fixed mix."""
+    def static_weights(self, layer: str, sources: int) -> tuple[float, ...]:
+        """Fraction of progress each of the `sources` is active: what a plain loader should apply as a fixed mix."""
         phases = self.layers[layer]
         ends = [start for start, _ in phases[1:]] + [1.0]
-        weights = {SUBJECT: 0.0, STYLE: 0.0}
-        for (start, source), end in zip(phases, ends):
-            for target in (SUBJECT, STYLE) if source == BOTH else (source,):
-                weights[target] += end - start
-        return weights[SUBJECT], weights[STYLE]
+        weights = [0.0] * sources
+        for (start, selection), end in zip(phases, ends):
+            for index in selection:
+                weights[index] += end - start
+        return tuple(weights)
 
     def to_json(self) -> str:
-        data = {"axis": self.axis, "layers": {name: [list(p) for p in phases] for name, phases in self.layers.items()}}
+        data = {"axis": self.axis,
+                "layers": {name: [[start, list(selection)] for start, selection in phases]
+                           for name, phases in self.layers.items()}}
         if self.agreement is not None:
             data["agreement"] = {name: [round(a, 4) for a in shares] for name, shares in self.agreement.items()}
             data["bins"] = list(self.bins)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "Schedule":
-        return cls.from_data(json.loads(text))
+    def from_json(cls, text: str, sources: int) -> "Schedule":
+        return cls.from_data(json.loads(text), sources)
 
     @classmethod
-    def from_data(cls, data: dict) -> "Schedule":
-        """A schedule from its JSON form; a ValueError names the first thing that breaks the format."""
+    def from_data(cls, data: dict, sources: int, named: bool = False) -> "Schedule":
+        """A schedule over `sources` sources from its JSON form (`named`: format 1's subject/style/both); a
+        ValueError names the first thing that breaks the format."""
         axis, layers = data.get("axis"), data.get("layers")
         if axis not in AXES:
             raise ValueError(f"has axis {axis!r}, not one of {', '.join(AXES)}")
         if not isinstance(layers, dict) or not layers:
             raise ValueError("lists no layers")
-        parsed = {name: _phases(name, phases) for name, phases in layers.items()}
+        parsed = {name: _phases(name, phases, sources, named) for name, phases in layers.items()}
         agreement, bins = data.get("agreement"), data.get("bins")
         if agreement is None:
             return cls(layers=parsed, axis=axis)
@@ -89,33 +92,51 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _phases(name: str, phases) -> tuple[Phase, ...]:
-    """One layer's phases, checked: [[start, source], …], starts rising from 0 within [0, 1]."""
+def _selection(value, sources: int, named: bool) -> Selection | None:
+    if named:
+        return PAIR_SELECTIONS.get(value) if isinstance(value, str) else None
+    if not (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+        return None
+    selection = tuple(value)
+    ok = list(selection) == sorted(set(selection)) and all(0 <= i < sources for i in selection)
+    return selection if ok else None
+
+
+def _phases(name: str, phases, sources: int, named: bool) -> tuple[Phase, ...]:
+    """One layer's phases, checked: [[start, selection], …], starts rising from 0 within [0, 1]."""
+    shape = "subject|style|both" if named else f"[source index < {sources}, …] ascending"
     if not isinstance(phases, list) or not phases or not all(
-            isinstance(p, list) and len(p) == 2 and _number(p[0]) and p[1] in SOURCE_CHOICES for p in phases):
-        raise ValueError(f"has phases {str(phases)[:80]} for {name}, not [[start, subject|style|both], …]")
+            isinstance(p, list) and len(p) == 2 and _number(p[0]) and _selection(p[1], sources, named) is not None
+            for p in phases):
+        raise ValueError(f"has phases {str(phases)[:80]} for {name}, not [[start, {shape}], …]")
     starts = [float(start) for start, _ in phases]
     if starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] > 1.0:
         raise ValueError(f"has phase starts {starts} for {name}, not rising from 0 within [0, 1]")
-    return tuple((start, source) for start, (_, source) in zip(starts, phases))
+    return tuple((start, _selection(value, sources, named)) for start, (_, value) in zip(starts, phases))
 
 
-def constant(source: str) -> tuple[Phase, ...]:
-    return ((0.0, source),)
+def constant(selection: Selection) -> tuple[Phase, ...]:
+    return ((0.0, selection),)
 
 
-def fixed_phases(name: str, pair: LoraPair) -> tuple[Phase, ...]:
-    """A module no rule decides: the LoRA that adapts it, or both for text-encoder modules both adapt (they run
-    once per prompt, outside the denoising loop)."""
-    if name in pair.subject.modules and name in pair.style.modules:
-        return constant(BOTH)
-    return constant(SUBJECT if name in pair.subject.modules else STYLE)
+def fixed_phases(name: str, loras: LoraSet) -> tuple[Phase, ...]:
+    """A module no rule decides: every LoRA that adapts it (text-encoder modules run once per prompt, outside the
+    denoising loop; a denoiser module only subjects, or only styles, adapt has nothing to choose between)."""
+    return constant(loras.adapting(name))
 
 
-def from_rule(rule, pair: LoraPair) -> Schedule:
-    """Closed-form schedule of a weight-only rule over every module either LoRA adapts."""
-    both = set(pair.both_adapted)
+def with_riders(phases, riders: Selection) -> tuple[Phase, ...]:
+    """The phases with the `static` sources that adapt the layer switched on in each."""
+    return tuple((start, tuple(sorted(selection + riders))) for start, selection in phases)
+
+
+def from_rule(rule, loras: LoraSet) -> Schedule:
+    """Closed-form schedule of a weight-only rule over every module any LoRA adapts; the rule decides its `layers`
+    among the subjects and styles there, the static LoRAs ride along."""
+    decided = set(rule.layers)
+    statics = set(loras.indices(STATIC))
     layers = {
-        name: tuple(rule.phases(name)) if name in both else fixed_phases(name, pair) for name in pair.module_names
+        name: with_riders(rule.phases(name), tuple(i for i in loras.adapting(name) if i in statics))
+        if name in decided else fixed_phases(name, loras) for name in loras.module_names
     }
     return Schedule(layers=layers)

@@ -152,7 +152,7 @@ def test_plain_load_gives_the_static_mix(world, tensor_format):
     for name in pair.module_names:
         loaded = get_module(pipe, name).get_delta_weight("plain")
         expected = torch.zeros_like(loaded)
-        for source, weight in zip((SUBJECT, STYLE), schedule.static_weights(name)):
+        for source, weight in zip((SUBJECT, STYLE), schedule.static_weights(name, 2)):
             if name in pair.source(source).modules:
                 expected += weight * pair.source(source).modules[name].delta().reshape(loaded.shape)
         assert torch.allclose(loaded, expected, rtol=1e-3, atol=1e-5), name
@@ -181,8 +181,8 @@ def test_modules_one_lora_adapts_stay_static_at_weight_one(world):
         scheduled = fileformat.read(path)
         schedule = scheduled.schedule
         for name, source in alone.items():
-            assert schedule.layers[name] == ((0.0, source),), name
-            assert schedule.static_weights(name) == ((1.0, 0.0) if source == SUBJECT else (0.0, 1.0)), name
+            assert schedule.layers[name] == ((0.0, pair.selection(source)),), name
+            assert schedule.static_weights(name, 2) == ((1.0, 0.0) if source == SUBJECT else (0.0, 1.0)), name
             rank = pair.source(source).modules[name].rank
             assert scheduled.modules[name]["ranks"] == ([rank, 0] if source == SUBJECT else [0, rank]), name
 
@@ -212,7 +212,7 @@ def test_sgm_kohya_names_read_as_their_diffusers_named_twin(tmp_path):
         assert set(read) == set(expected)
         for name, module in expected.items():
             assert torch.equal(read[name].delta(), module.delta()), name
-    assert sgm.both_adapted == twin.both_adapted
+    assert sgm.decided == twin.decided
 
 
 @pytest.mark.parametrize("module, sgm", [

@@ -50,7 +50,7 @@ def references(pipe, pair, klora, tmp_path_factory):
     candidate that reproduces them scores 1 on both sides, every other one less, so TARGET must win."""
     rule, params = klora
     folder = tmp_path_factory.mktemp("balance-refs")
-    with OnlineRule(pipe, pair, rule.balanced(TARGET.beta, params["gamma"] * TARGET.gamma_scale), samples=1):
+    with OnlineRule(pipe, pair, rule.balanced(TARGET.beta, TARGET.gamma_scale), samples=1):
         image, _ = render(pipe, PROMPT, 0, STEPS, 7.5, SIZE)
     for side in ("subject", "style"):
         (folder / side).mkdir()
@@ -72,7 +72,7 @@ def test_gamma_scale_scales_gamma_where_it_is_used_and_is_recorded(tiny_base, ko
     scheduled = fileformat.read(out)
     assert scheduled.params["gamma_scale"] == 2.0 and scheduled.params["gamma"] == pytest.approx(2 * params["gamma"])
     assert params["gamma_scale"] == 1.0
-    expected = from_rule(rule.balanced(rule.ramp.beta, 2 * params["gamma"]), pair)
+    expected = from_rule(rule.balanced(rule.ramp.beta, 2.0), pair)
     assert scheduled.schedule.layers == expected.layers
     assert expected.layers != from_rule(rule, pair).layers, "doubling γ moves some switch"
     assert verify(pipe, out, ["a cat"], [3], STEPS, 7.5, SIZE).agreement == 1.0  # the online rule uses the scaled γ
@@ -103,7 +103,7 @@ def test_balance_auto_recovers_the_known_best_setting_records_the_search_and_res
     rule, params = klora
     assert scheduled.params["beta"] == 0.75 and scheduled.params["gamma_scale"] == 0.5
     assert scheduled.params["gamma"] == pytest.approx(params["gamma"] * 0.5)
-    assert scheduled.schedule.layers == from_rule(rule.balanced(0.75, params["gamma"] * 0.5), pair).layers
+    assert scheduled.schedule.layers == from_rule(rule.balanced(0.75, 0.5), pair).layers
     shown = run("inspect", out).stdout
     assert "balance     auto: β=0.75 γ×0.5 of 9 candidates" in shown
     assert sum(line.lstrip().startswith(("β=", "* β=")) for line in shown.splitlines()) == 9

@@ -47,7 +47,7 @@ def test_weight_only_rule_recorded_through_calibration_equals_its_closed_form(pi
     log = calibrate(pipe, pair, rule, settings(steps=10, method="klora"), tmp_path / "log.jsonl")
     calls = [call for run in log.runs for call in run["calls"]]
     assert len(log.runs) == 4 and len(calls) == 40
-    code = {"subject": "c", "style": "s", "both": "b"}
+    code = {(0,): "c", (1,): "s", (0, 1): "b"}
     recorded = [(name, call["p"], choice) for call in calls for name, choice in zip(log.layers, call["choices"])]
     assert all(code[closed.active(name, p)] == choice for name, p, choice in recorded)
     assert {choice for _, _, choice in recorded} == {"c", "s"}  # the test pair really switches
@@ -118,20 +118,20 @@ def test_interrupted_calibration_resumes_without_repeating_runs(pipe, pair, tmp_
 
 
 def test_aggregation_takes_the_majority_per_bin_and_suppresses_short_switches(pair):
-    layer = pair.both_adapted[0]
+    layer = pair.decided[0]
     runs = [{"prompt": str(i), "seed": 0, "calls": [{"q": q, "choices": c} for q, c in zip((0.1, 0.5, 0.9), codes)]}
             for i, codes in enumerate(["csc", "css", "ccs"])]
     log = Log(settings=settings(), layers=[layer], gamma=1.0, runs=runs)
     schedule = aggregate(log, pair)
-    assert schedule.layers[layer] == ((0.0, "subject"), (0.3, "style"))
+    assert schedule.layers[layer] == ((0.0, (0,)), (0.3, (1,)))
     assert schedule.agreement[layer] == pytest.approx((1.0, 2 / 3, 2 / 3))
     assert schedule.bins == (0.0, 0.3, 0.7)
     assert suppress_short_runs(list("ccsccssss"), 2) == list("cccccssss")
     assert suppress_short_runs(list("scccc"), 2) == list("ccccc")
     smoothed = aggregate(log, pair, min_run=2)  # the one-bin subject run at the start joins the style run
-    assert smoothed.layers[layer] == ((0.0, "style"),)
+    assert smoothed.layers[layer] == ((0.0, (1,)),)
     assert smoothed.agreement[layer] == pytest.approx((0.0, 2 / 3, 2 / 3))
-    restored = Schedule.from_json(schedule.to_json())  # agreement is stored to 4 decimals
+    restored = Schedule.from_json(schedule.to_json(), 2)  # agreement is stored to 4 decimals
     assert restored.layers == schedule.layers and restored.bins == schedule.bins
     assert restored.agreement[layer] == pytest.approx(schedule.agreement[layer], abs=1e-4)
 
@@ -149,7 +149,7 @@ def test_feature_kl_merge_replays_and_verifies_on_held_out_seeds(tiny_base, kohy
     scheduled = fileformat.read(out)
     assert scheduled.method == "feature-kl" and scheduled.params["calibration"]["seeds"] == [0, 1]
     schedule = scheduled.schedule
-    assert schedule.axis == AXIS_NOISE and set(schedule.agreement) == set(pair.both_adapted)
+    assert schedule.axis == AXIS_NOISE and set(schedule.agreement) == set(pair.decided)
 
     handle = attach(pipe, out)  # the calibrated file replays through the same hook
     pipe("a bowl of fruit", num_inference_steps=5, height=SIZE, width=SIZE, output_type="latent")
@@ -162,9 +162,9 @@ def test_feature_kl_merge_replays_and_verifies_on_held_out_seeds(tiny_base, kohy
     assert "agreement" in checked.stdout and "PSNR" in checked.stdout
     numbers = json.loads((report_dir / "report.json").read_text())
     assert 0.5 < numbers["agreement"] <= 1.0 and numbers["seeds"] == [7, 8] and numbers["steps"] == 8
-    assert len(numbers["agreement_per_step"]) == 8 and len(numbers["agreement_per_layer"]) == len(pair.both_adapted)
+    assert len(numbers["agreement_per_step"]) == 8 and len(numbers["agreement_per_layer"]) == len(pair.decided)
     grid = Image.open(report_dir / "agreement.png")
-    assert grid.size[1] > len(pair.both_adapted) and Image.open(report_dir / "schedule.png").size[1] > 14
+    assert grid.size[1] > len(pair.decided) and Image.open(report_dir / "schedule.png").size[1] > 14
     strict = run("verify", out, "--base", tiny_base, "--prompts", "a cat on a sofa", "--seeds", "7,8",
                  "--resolution", SIZE, "--subject", kohya_pair[0], "--style", kohya_pair[1],
                  "--min-agreement", numbers["agreement"] + 1e-6)
@@ -196,7 +196,7 @@ def test_inspect_draws_the_schedule_heatmap(tiny_base, kohya_pair, pair, tmp_pat
     assert shown.exit_code == 0, shown.output
     rule, _ = rules.build("klora", pair, rules.RuleOptions())
     schedule = from_rule(rule, pair)
-    layers = sorted(pair.both_adapted)
+    layers = sorted(pair.decided)
     expected = [[schedule.active(layer, step / 10) for step in range(10)] for layer in layers]
     assert schedule_cells(fileformat.read(out).schedule, layers, 10) == expected
     colors = {color for _, color in Image.open(png).convert("RGB").getcolors(1 << 20)}

@@ -43,8 +43,9 @@ def test_metadata_records_the_job(exported, kohya_pair):
     assert scheduled.method == "klora"
     assert scheduled.params["pattern"] == "s*" and scheduled.params["steps"] == 20
     assert scheduled.params["gamma"] > 0
-    assert scheduled.sources[SUBJECT]["file"] == kohya_pair[0].name
-    assert len(scheduled.sources[STYLE]["sha256"]) == 64
+    assert [source["role"] for source in scheduled.sources] == [SUBJECT, STYLE]
+    assert scheduled.sources[0]["file"] == kohya_pair[0].name
+    assert len(scheduled.sources[1]["sha256"]) == 64
     both = [r for r in scheduled.modules.values() if "scores" in r]
     assert both and all(len(r["scores"]) == 2 for r in both)
 
@@ -64,7 +65,7 @@ def test_plain_load_applies_the_static_mix_without_key_warnings(exported, tiny_b
     for name in pair.module_names:
         layer = get_module(pipe, name)
         loaded = layer.get_delta_weight("plain").double()
-        c_subject, c_style = schedule.static_weights(name)
+        c_subject, c_style = schedule.static_weights(name, 2)
         expected = torch.zeros_like(loaded)
         for source, weight in ((SUBJECT, c_subject), (STYLE, c_style)):
             if name in pair.source(source).modules:
@@ -73,7 +74,7 @@ def test_plain_load_applies_the_static_mix_without_key_warnings(exported, tiny_b
         checked += 1
     assert checked == len(scheduled.modules)
     text_encoder = [n for n in schedule.layers if n.startswith("text_encoder.")]
-    assert text_encoder and all(schedule.static_weights(n) == (1.0, 1.0) for n in text_encoder)
+    assert text_encoder and all(schedule.static_weights(n, 2) == (1.0, 1.0) for n in text_encoder)
 
 
 def test_mixed_per_module_alphas_are_read_as_each_module_means(tiny_base, tmp_path):

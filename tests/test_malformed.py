@@ -55,36 +55,44 @@ def _json_edits(metadata: dict[str, str]) -> dict[str, dict[str, str]]:
         if short != "method":
             case(f"{short}-not-json", **{short: "{not json"})
             case(f"{short}-a-list", **{short: [1, 2]})
-    case("version-2", format_version="2")
+    case("version-3", format_version="3")
     case("method-unknown", method="magic")
     for field in ("alpha", "beta", "gamma"):
         case(f"params-no-{field}", params={k: v for k, v in params.items() if k != field})
         case(f"params-{field}-string", params={**params, field: "1.0"})
     case("params-steps-zero", params={**params, "steps": 0})
     case("params-calibration-empty", params={**params, "calibration": {}})
-    case("sources-no-style", sources={"subject": sources["subject"]})
-    case("sources-not-objects", sources={"subject": 3, "style": 3})
+    case("sources-no-style", sources=[sources[0]])
+    case("sources-not-objects", sources=[3, 3])
+    case("sources-same-file-twice", sources=[sources[0], {**sources[0], "role": "style"}])
+    case("sources-unknown-role", sources=[sources[0], {**sources[1], "role": "lighting"}])
+    case("sources-format-1-object", sources={"subject": sources[0], "style": sources[1]})
     case("tensor-format-unknown", tensor_format="onnx")
-    case("sources-style-no-sha", sources={**sources, "style": {"file": "x"}})
+    case("sources-style-no-sha", sources=[sources[0], {"file": "x", "role": "style"}])
 
     def layers(phases):
         return {**schedule, "layers": {**schedule["layers"], name: phases}}
 
-    case("schedule-unknown-source", schedule=layers([[0.0, "watercolor"]]))
-    case("schedule-unsorted", schedule=layers([[0.0, "subject"], [0.7, "style"], [0.3, "subject"]]))
-    case("schedule-late-start", schedule=layers([[0.2, "subject"]]))
-    case("schedule-past-one", schedule=layers([[0.0, "subject"], [1.5, "style"]]))
+    case("schedule-unknown-source", schedule=layers([[0.0, [7]]]))
+    case("schedule-source-by-name", schedule=layers([[0.0, "subject"]]))
+    case("schedule-selection-unsorted", schedule=layers([[0.0, [1, 0]]]))
+    case("schedule-selection-twice", schedule=layers([[0.0, [1, 1]]]))
+    case("schedule-unsorted", schedule=layers([[0.0, [0]], [0.7, [1]], [0.3, [0]]]))
+    case("schedule-late-start", schedule=layers([[0.2, [0]]]))
+    case("schedule-past-one", schedule=layers([[0.0, [0]], [1.5, [1]]]))
     case("schedule-no-phases", schedule=layers([]))
-    case("schedule-start-string", schedule=layers([["0", "subject"]]))
-    case("schedule-start-bool", schedule=layers([[False, "subject"]]))
+    case("schedule-start-string", schedule=layers([["0", [0]]]))
+    case("schedule-start-bool", schedule=layers([[False, [0]]]))
     case("schedule-phase-not-pair", schedule=layers([[0.0]]))
     case("schedule-bad-axis", schedule={**schedule, "axis": "sigma"})
     case("schedule-no-layers", schedule={"axis": "progress", "layers": {}})
     case("schedule-agreement-without-bins", schedule={**schedule, "agreement": {name: [1.0]}})
-    case("schedule-extra-layer", schedule={**schedule, "layers": {**schedule["layers"], "unet.x": [[0.0, "subject"]]}})
+    case("schedule-extra-layer", schedule={**schedule, "layers": {**schedule["layers"], "unet.x": [[0.0, [0]]]}})
     record = modules[name]
     for label, changed in (("ranks-negative", {"ranks": [-1, record["ranks"][1]]}),
                            ("ranks-strings", {"ranks": ["4", "8"]}), ("ranks-zero", {"ranks": [0, 0]}),
+                           ("ranks-three", {"ranks": record["ranks"] + [0]}),
+                           ("scores-one", {"scores": [1.0]}),
                            ("static-nan", {"static": [float("nan"), 0.5]}), ("static-two", {"static": [2.0, 0.5]}),
                            ("static-zero-with-rank", {"static": [0.0, record["static"][1]]}),
                            ("no-key", {"key": None}),
@@ -183,7 +191,7 @@ def test_verify_refuses_a_schedule_naming_an_unknown_source(malformed, tiny_base
     path = malformed["schedule-unknown-source"]
     line = _one_line_exit_2(CliRunner().invoke(main, ["verify", str(path), "--base", str(tiny_base), "--prompts",
                                                       "x", "--seeds", "1", "--resolution", "32"]), path)
-    assert "lorasched.schedule" in line and "watercolor" in line
+    assert "lorasched.schedule" in line and "[7]" in line
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

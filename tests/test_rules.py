@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lorasched.merge.lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraPair
+from lorasched.merge.lora import LoraFile, LoraModule, LoraSet
 from lorasched.merge.rules import est, klora
 from lorasched.merge.rules.ramp import Ramp
 from lorasched.merge.rules.switch import SwitchRule, trimmed_mean_gamma
@@ -12,9 +12,12 @@ def lora(down, up, scale=1.0) -> LoraModule:
     return LoraModule(torch.tensor(down, dtype=torch.float32), torch.tensor(up, dtype=torch.float32), scale)
 
 
-def pair_of(subject: dict, style: dict) -> LoraPair:
+SUBJECT, STYLE = (0,), (1,)  # a pair's selections: source 0 is the subject, 1 the style
+
+
+def pair_of(subject: dict, style: dict) -> LoraSet:
     files = [LoraFile(path=n, sha256="", dtype=torch.float32, modules=m) for n, m in (("c", subject), ("s", style))]
-    return LoraPair(subject=files[0], style=files[1], denoiser="unet")
+    return LoraSet.pair(files[0], files[1], denoiser="unet")
 
 
 def test_trimmed_mean_drops_ratios_at_or_above_three_times_the_mean():
@@ -38,7 +41,7 @@ def test_klora_module_scores_use_k_equal_product_of_ranks():
     # subject rank 1, style rank 2 -> K = 2
     subject = lora([[1.0, 0.0, 0.0]], [[3.0], [1.0]])  # ΔW_c = [[3,0,0],[1,0,0]]
     style = lora([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[1.0, 2.0], [0.5, 0.0]])  # [[1,2,0],[0.5,0,0]]
-    (score_c, score_s), (l1_c, l1_s) = klora.module_scores(subject, style)
+    (score_c, score_s), (l1_c, l1_s) = klora.module_scores([subject, style], subject.rank * style.rank)
     assert (score_c, score_s) == (4.0, 3.0)
     assert (l1_c, l1_s) == (4.0, 3.5)
 
@@ -72,14 +75,14 @@ def test_klora_s_star_ramp_wraps_and_switches_at_most_twice():
     assert ramp(0.5) == pytest.approx(0.525)
     assert ramp.pieces() == [(0.0, pytest.approx(0.15), 1.275), (pytest.approx(0.15), 1.0, pytest.approx(-0.225))]
     # level 1.0: style for p < 0.15 (S ≥ 1.275), subject until 1.5 p − 0.225 reaches 1, then style
-    rule = SwitchRule(scores={"m": (1.0, 1.0)}, gamma=1.0, ramp=ramp)
+    rule = SwitchRule(scores={"m": (1.0, 1.0)}, gammas={(0, 1): 1.0}, ramp=ramp)
     assert rule.phases("m") == [(0.0, STYLE), (pytest.approx(0.15), SUBJECT), (pytest.approx(1.225 / 1.5), STYLE)]
 
 
 @pytest.mark.parametrize("ramp", [Ramp(1.5, 0.5), Ramp(1.5, 1.275, wrap=True), Ramp(0.7, 2.3, wrap=True)])
 @pytest.mark.parametrize("level", [0.0, 0.3, 0.9, 1.276, 1.8, 2.4, 5.0])
 def test_closed_form_phases_match_the_online_decision_on_a_dense_grid(ramp, level):
-    rule = SwitchRule(scores={"m": (level, 1.0)}, gamma=1.0, ramp=ramp)
+    rule = SwitchRule(scores={"m": (level, 1.0)}, gammas={(0, 1): 1.0}, ramp=ramp)
     phases = rule.phases("m")
     for n in range(997):
         p = n / 997
@@ -90,8 +93,8 @@ def test_closed_form_phases_match_the_online_decision_on_a_dense_grid(ramp, leve
 
 def test_zero_style_score_means_subject_throughout_and_zero_subject_style_throughout():
     ramp = klora.PATTERNS["s"]
-    assert SwitchRule({"m": (1.0, 0.0)}, 1.0, ramp).phases("m") == [(0.0, SUBJECT)]
-    assert SwitchRule({"m": (0.0, 1.0)}, 1.0, ramp).phases("m") == [(0.0, STYLE)]
+    assert SwitchRule({"m": (1.0, 0.0)}, {(0, 1): 1.0}, ramp).phases("m") == [(0.0, SUBJECT)]
+    assert SwitchRule({"m": (0.0, 1.0)}, {(0, 1): 1.0}, ramp).phases("m") == [(0.0, STYLE)]
 
 
 def test_est_gamma_is_the_trimmed_mean_of_energy_ratios():

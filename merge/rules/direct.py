@@ -1,16 +1,26 @@
-"""Direct merge, the baseline: both LoRAs at weight 1 in every layer at every step."""
+"""Direct merge, the baseline: every LoRA at weight 1 in every layer at every step."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..lora import BOTH
+from ..lora import LoraSet, Selection
 
 
 @dataclass(frozen=True)
 class DirectRule:
-    def choose(self, module: str, p: float) -> str:
-        return BOTH
+    active: dict[str, Selection]  # per decided module, the subjects and styles that adapt it
 
-    def phases(self, module: str) -> list[tuple[float, str]]:
-        return [(0.0, BOTH)]
+    @classmethod
+    def of(cls, loras: LoraSet) -> DirectRule:
+        return cls({name: loras.switched(name) for name in loras.decided})
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.active)
+
+    def choose(self, module: str, p: float) -> Selection:
+        return self.active[module]
+
+    def phases(self, module: str) -> list[tuple[float, Selection]]:
+        return [(0.0, self.active[module])]

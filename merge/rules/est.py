@@ -6,16 +6,20 @@ energy ratios the rule compares (the public code reuses K-LoRA's L1 γ; we corre
 
 from __future__ import annotations
 
-from ..lora import LoraPair
+from ..lora import SOURCES, LoraSet
 from .ramp import Ramp
-from .switch import SwitchRule, ratio, trimmed_mean_gamma
+from .switch import SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
 
 DEFAULT_ALPHA = 1.5
 
 
-def build(pair: LoraPair, beta: float, alpha: float = DEFAULT_ALPHA) -> SwitchRule:
-    scores = {
-        name: (pair.subject.modules[name].energy(), pair.style.modules[name].energy()) for name in pair.both_adapted
-    }
-    gamma = trimmed_mean_gamma([ratio(c, s) for c, s in scores.values()])
-    return SwitchRule(scores=scores, gamma=gamma, ramp=Ramp(alpha, beta))
+def build(loras: LoraSet, beta: float, alpha: float = DEFAULT_ALPHA) -> SwitchRule:
+    switched = [source.role in SOURCES for source in loras.sources]
+    scores = {}
+    for name in loras.decided:
+        modules = [source.lora.modules.get(name) if on else None for source, on in zip(loras.sources, switched)]
+        scores[name] = tuple(None if module is None else module.energy() for module in modules)
+    roles = tuple(source.role for source in loras.sources)
+    gammas = pairing_gammas(scores, roles, lambda values: trimmed_mean_gamma([ratio(c, s) for c, s in values]))
+    norms = None if loras.is_pair else means(scores, len(roles))
+    return SwitchRule(scores=scores, gammas=gammas, ramp=Ramp(alpha, beta), roles=roles, norms=norms)

@@ -20,9 +20,9 @@ import math
 import numpy
 import torch
 
-from ..lora import LoraModule, LoraPair
+from ..lora import SOURCES, STYLE, SUBJECT, LoraModule, LoraSet
 from .ramp import Ramp
-from .switch import SwitchRule, ratio, trimmed_mean_gamma
+from .switch import SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
 
 PATTERNS = {"s": Ramp(1.5, 0.5), "s*": Ramp(1.5, 1.275, wrap=True)}
 
@@ -164,17 +164,23 @@ def topk_and_l1(lora: LoraModule, k: int, device="cpu", scratch: Scratch | None 
 
 
 def module_scores(
-    subject: LoraModule, style: LoraModule, device="cpu", scratch: Scratch | None = None
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """((top-K score c, top-K score s), (L1 c, L1 s)) for one both-adapted module, K = r_c · r_s."""
-    k = subject.rank * style.rank
-    top_c, l1_c = topk_and_l1(subject, k, device, scratch)
-    top_s, l1_s = topk_and_l1(style, k, device, scratch)
-    return (top_c, top_s), (l1_c, l1_s)
+    modules: list[LoraModule | None], k: int, device="cpu", scratch: Scratch | None = None
+) -> tuple[tuple[float | None, ...], tuple[float | None, ...]]:
+    """(top-K scores, L1 masses) of one decided module, per source (None where a source does not adapt it)."""
+    scored = [None if module is None else topk_and_l1(module, k, device, scratch) for module in modules]
+    return (tuple(None if s is None else s[0] for s in scored), tuple(None if s is None else s[1] for s in scored))
+
+
+def top_k(loras: LoraSet, name: str) -> int:
+    """K = r_c · r_s, with several subjects (styles) the largest subject (style) rank at the layer."""
+    def rank(role: str) -> int:
+        return max(loras.sources[i].lora.modules[name].rank for i in loras.indices(role)
+                   if name in loras.sources[i].lora.modules)
+    return rank(SUBJECT) * rank(STYLE)
 
 
 def build(
-    pair: LoraPair,
+    loras: LoraSet,
     pattern: str = "s",
     alpha: float | None = None,
     beta: float | None = None,
@@ -182,15 +188,20 @@ def build(
     device: str | None = None,
     progress=iter,
 ) -> SwitchRule:
-    """The K-LoRA switch for a pair; α, β default to the pattern's published values."""
+    """The K-LoRA switch; α, β default to the pattern's published values."""
     default = PATTERNS[pattern]
     ramp = Ramp(default.alpha if alpha is None else alpha, default.beta if beta is None else beta, default.wrap)
     scores, l1, scratch = {}, {}, Scratch()
-    for name in progress(pair.both_adapted):
-        subject, style = pair.subject.modules[name], pair.style.modules[name]
-        scores[name], l1[name] = module_scores(subject, style, device or "cpu", scratch)
+    switched = [i if source.role in SOURCES else None for i, source in enumerate(loras.sources)]
+    for name in progress(loras.decided):
+        modules = [None if i is None else loras.sources[i].lora.modules.get(name) for i in switched]
+        scores[name], l1[name] = module_scores(modules, top_k(loras, name), device or "cpu", scratch)
+    roles = tuple(source.role for source in loras.sources)
     if gamma_mode == "global":
-        gamma = ratio(sum(c for c, _ in l1.values()), sum(s for _, s in l1.values()))
+        def gamma(values):
+            return ratio(sum(c for c, _ in values), sum(s for _, s in values))
     else:
-        gamma = trimmed_mean_gamma([ratio(c, s) for c, s in l1.values()])
-    return SwitchRule(scores=scores, gamma=gamma, ramp=ramp)
+        def gamma(values):
+            return trimmed_mean_gamma([ratio(c, s) for c, s in values])
+    norms = None if loras.is_pair else means(scores, len(roles))
+    return SwitchRule(scores=scores, gammas=pairing_gammas(l1, roles, gamma), ramp=ramp, roles=roles, norms=norms)

@@ -1,6 +1,9 @@
 """The switch shared by K-LoRA and EST-LoRA: subject iff score_c / γ > score_s · S(p), else style.
 
-A rule of this family is fully described by per-module scores, one γ and a ramp; its decision depends only on
+With several subjects or styles (see docs/methods.md), each layer first takes the subject, and the style, with the
+largest score relative to that LoRA's own mean score over the decided layers; the two winners then meet in the
+switch with the γ of their own pairing. With one subject and one style that is exactly the two-LoRA rule.
+A rule of this family is fully described by per-module scores, the γs and a ramp; its decision depends only on
 weights and progress, so each layer's schedule follows in closed form (see `phases`).
 """
 
@@ -8,8 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
-from ..lora import STYLE, SUBJECT
+from ..lora import STYLE, SUBJECT, Selection
 from .ramp import Ramp
 
 
@@ -28,31 +32,86 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf
 
 
+def pairing_gammas(values: dict[str, tuple[float | None, ...]], roles: tuple[str, ...],
+                   gamma: Callable[[list[tuple[float, float]]], float]) -> dict[tuple[int, int], float]:
+    """γ of every subject/style pairing, from the (subject, style) values of the layers both adapt."""
+    gammas = {}
+    for i, role_i in enumerate(roles):
+        for j, role_j in enumerate(roles):
+            if (role_i, role_j) == (SUBJECT, STYLE):
+                gammas[i, j] = gamma([(v[i], v[j]) for v in values.values() if None not in (v[i], v[j])])
+    return gammas
+
+
+def means(scores: dict[str, tuple[float | None, ...]], sources: int) -> tuple[float, ...]:
+    """Each source's mean score over the decided layers it adapts: the yardstick subjects (and styles) are
+    compared by among themselves."""
+    totals, counts = [0.0] * sources, [0] * sources
+    for values in scores.values():
+        for i, value in enumerate(values):
+            if value is not None:
+                totals[i] += value
+                counts[i] += 1
+    return tuple(total / count if count else 0.0 for total, count in zip(totals, counts))
+
+
 @dataclass(frozen=True)
 class SwitchRule:
-    """Scores per module (subject, style), the balance γ and the ramp S(p)."""
+    """Scores per module and source (None where a source does not adapt it), each subject/style pairing's own γ
+    times `gamma_scale`, and the ramp S(p). `roles` and `norms` matter only with several subjects or styles."""
 
-    scores: dict[str, tuple[float, float]]
-    gamma: float
+    scores: dict[str, tuple[float | None, ...]]
+    gammas: dict[tuple[int, int], float]
     ramp: Ramp
+    gamma_scale: float = 1.0
+    roles: tuple[str, ...] = (SUBJECT, STYLE)
+    norms: tuple[float, ...] | None = None
 
-    def choose(self, module: str, p: float) -> str:
+    @property
+    def layers(self) -> list[str]:
+        return list(self.scores)
+
+    @property
+    def gamma(self) -> float:
+        """The γ the switch uses, for a pair."""
+        (own,) = self.gammas.values()
+        return own * self.gamma_scale
+
+    def winners(self, module: str) -> tuple[int, int]:
+        """(subject, style) that meet in this layer's switch: each role's largest score relative to its mean."""
+        values = self.scores[module]
+
+        def best(role: str) -> int:
+            candidates = [i for i, r in enumerate(self.roles) if r == role and values[i] is not None]
+            if self.norms is None or len(candidates) == 1:
+                return candidates[0]
+            return max(candidates, key=lambda i: ratio(values[i], self.norms[i]) if values[i] > 0 else 0.0)
+
+        return best(SUBJECT), best(STYLE)
+
+    def _meeting(self, module: str) -> tuple[int, int, float, float]:
+        """The winners, the subject's score over their γ, and the style's score."""
+        subject, style = self.winners(module)
+        gamma = self.gammas[subject, style] * self.gamma_scale
+        return subject, style, self.scores[module][subject] / gamma, self.scores[module][style]
+
+    def choose(self, module: str, p: float) -> Selection:
         """The online decision at progress p, exactly as the formula reads (ties go to style)."""
-        score_c, score_s = self.scores[module]
-        return SUBJECT if score_c / self.gamma > score_s * self.ramp(p) else STYLE
+        subject, style, balanced, score_s = self._meeting(module)
+        return (subject,) if balanced > score_s * self.ramp(p) else (style,)
 
-    def balanced(self, beta: float, gamma: float) -> SwitchRule:
-        """The same scores with ramp offset β and balance γ (the two knobs that trade subject for style)."""
-        return replace(self, gamma=gamma, ramp=replace(self.ramp, beta=beta))
+    def balanced(self, beta: float, gamma_scale: float) -> SwitchRule:
+        """The same scores with ramp offset β and the γs scaled (the two knobs that trade subject for style)."""
+        return replace(self, gamma_scale=gamma_scale, ramp=replace(self.ramp, beta=beta))
 
-    def phases(self, module: str) -> list[tuple[float, str]]:
-        """Closed form of `choose` over p in [0, 1): (start, source) pairs, merged where the source repeats."""
-        score_c, score_s = self.scores[module]
-        level = ratio(score_c / self.gamma, score_s) if score_c > 0 else -math.inf
-        edges = [(0.0, STYLE)]
+    def phases(self, module: str) -> list[tuple[float, Selection]]:
+        """Closed form of `choose` over p in [0, 1): (start, selection) pairs, merged where the source repeats."""
+        subject, style, balanced, score_s = self._meeting(module)
+        level = ratio(balanced, score_s) if balanced > 0 else -math.inf
+        edges = [(0.0, (style,))]
         for start, end in self.ramp.below(level):
-            edges += [(start, SUBJECT), (end, STYLE)]
-        phases: list[tuple[float, str]] = []
+            edges += [(start, (subject,)), (end, (style,))]
+        phases: list[tuple[float, Selection]] = []
         for start, source in sorted(edges, key=lambda edge: edge[0]):
             if start >= 1.0:
                 continue

@@ -1,0 +1,233 @@
+"""More than two LoRAs (docs/methods.md, "Several subjects or styles"): the selection rule on hand cases, the CLI,
+format 2, replay against the online N-way rule, the static mix a plain loader gets, format-1 files, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import generate
+from lorasched.calibration.online import OnlineRule
+from lorasched.cli import main
+from lorasched.merge import fileformat, rules
+from lorasched.merge.checks import LoraSpec, parse_lora
+from lorasched.merge.errors import LoraschedError
+from lorasched.merge.lora import STATIC, STYLE, SUBJECT, LoraFile, LoraModule, LoraSet, Source
+from lorasched.merge.lora_io import read_pair, read_set
+from lorasched.merge.names import get_module
+from lorasched.merge.replay import MODES, attach
+from lorasched.merge.rules import est
+from lorasched.tiny import random_kohya_lora
+from safetensors.torch import save_file
+
+FORMAT_1 = Path(__file__).parent / "data" / "format1-klora-s-star.safetensors"
+
+
+def scalar(value: float) -> LoraModule:
+    """A 1 × 1 LoRA whose ΔW is `value`: its energy is value²."""
+    return LoraModule(torch.tensor([[value]]), torch.tensor([[1.0]]), 1.0)
+
+
+def test_each_role_sends_its_best_relative_score_to_the_switch():
+    """Hand case: energies (layer a, layer b) subject1 (4, 1), subject2 (1, 9), style (1, 1).
+    Relative to each subject's mean energy (2.5 and 5): layer a 1.6 vs 0.2 -> subject1, layer b 0.4 vs 1.8 ->
+    subject2. γ of each pairing: trimmed mean of the energy ratios, (4 + 1) / 2 = 2.5 and (1 + 9) / 2 = 5.
+    Switch, β = 0.5: a keeps subject1 while 4 / 2.5 = 1.6 > 1.5 p + 0.5, b keeps subject2 while 9 / 5 > 1.5 p + 0.5."""
+    files = [LoraFile(f"{n}.safetensors", n, torch.float32, {"unet.a": scalar(a), "unet.b": scalar(b)})
+             for n, a, b in (("c1", 2.0, 1.0), ("c2", 1.0, 3.0), ("s", 1.0, 1.0))]
+    loras = LoraSet((Source(files[0], SUBJECT), Source(files[1], SUBJECT), Source(files[2], STYLE)), "unet")
+    rule = est.build(loras, beta=0.5)
+    assert rule.norms == (2.5, 5.0, 1.0)
+    assert rule.gammas == {(0, 2): 2.5, (1, 2): 5.0}
+    assert rule.winners("unet.a") == (0, 2) and rule.winners("unet.b") == (1, 2)
+    assert rule.phases("unet.a") == [(0.0, (0,)), (pytest.approx(1.1 / 1.5), (2,))]
+    assert rule.phases("unet.b") == [(0.0, (1,)), (pytest.approx(1.3 / 1.5), (2,))]
+    for n in range(20):
+        p = n / 20
+        assert rule.choose("unet.a", p) == ((0,) if 1.6 > 1.5 * p + 0.5 else (2,))
+
+
+def test_a_pair_is_exactly_the_two_lora_rule():
+    files = [LoraFile(f"{n}.safetensors", n, torch.float32, {"unet.a": scalar(a), "unet.b": scalar(b)})
+             for n, a, b in (("c", 2.0, 1.0), ("s", 1.0, 3.0))]
+    rule = est.build(LoraSet.pair(*files, denoiser="unet"), beta=0.5)
+    assert rule.norms is None and rule.gamma == pytest.approx(((4 / 1) + (1 / 9)) / 2)
+
+
+@pytest.mark.parametrize("text, role, expected", [
+    ("a.safetensors", SUBJECT, LoraSpec("a.safetensors", SUBJECT)),
+    ("a.safetensors:0.8", STYLE, LoraSpec("a.safetensors", STYLE, 0.8)),
+    ("C:/loras/a.safetensors", SUBJECT, LoraSpec("C:/loras/a.safetensors", SUBJECT)),
+    ("detail.safetensors:1.5", None, LoraSpec("detail.safetensors", STATIC, 1.5)),
+    ("style=b.safetensors:0.5", None, LoraSpec("b.safetensors", STYLE, 0.5)),
+])
+def test_lora_arguments_parse(text, role, expected):
+    assert parse_lora(text, role) == expected
+
+
+@pytest.mark.parametrize("text, role", [("style=a.safetensors", SUBJECT), ("subject=style=a.safetensors", None),
+                                        ("a.safetensors:inf", SUBJECT)])
+def test_lora_arguments_refuse_a_second_role_or_a_non_finite_strength(text, role):
+    with pytest.raises(LoraschedError):
+        parse_lora(text, role)
+
+
+@pytest.fixture(scope="module")
+def more_loras(tiny_base, kohya_pair, tmp_path_factory) -> dict[str, Path]:
+    """Beside the conftest pair: a second subject, a second style and a static detail LoRA (feed-forward only)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    folder = tmp_path_factory.mktemp("more")
+    paths = {"subject": kohya_pair[0], "style": kohya_pair[1], "subject2": folder / "subject2.safetensors",
+             "style2": folder / "style2.safetensors", "detail": folder / "detail.safetensors"}
+    save_file(random_kohya_lora(pipe, 2, 1.0, seed=11, targets=("to_q", "to_k", "to_v", "to_out.0")),
+              paths["subject2"])
+    save_file(random_kohya_lora(pipe, 4, 2.0, seed=12, targets=("to_k", "to_v", "ff.net.2"), text_encoder=True),
+              paths["style2"])
+    save_file(random_kohya_lora(pipe, 2, 0.5, seed=13, targets=("ff.net.2",)), paths["detail"])
+    return paths
+
+
+def nway_specs(paths) -> list[LoraSpec]:
+    return [LoraSpec(str(paths["subject"]), SUBJECT), LoraSpec(str(paths["subject2"]), SUBJECT, 0.8),
+            LoraSpec(str(paths["style"]), STYLE), LoraSpec(str(paths["style2"]), STYLE),
+            LoraSpec(str(paths["detail"]), STATIC, 0.7)]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def nway(tiny_base, more_loras, tmp_path_factory) -> tuple[Path, LoraSet]:
+    out = tmp_path_factory.mktemp("nway") / "nway.safetensors"
+    result = run("merge", "--base", tiny_base, "--subject", more_loras["subject"], "--subject",
+                 f"{more_loras['subject2']}:0.8", "--style", more_loras["style"], "--style", more_loras["style2"],
+                 "--lora", f"{more_loras['detail']}:0.7", "--method", "klora", "--pattern", "s*", "--steps", 10,
+                 "-o", out)
+    assert result.exit_code == 0, result.output
+    return out, read_set(str(tiny_base), nway_specs(more_loras))
+
+
+def test_merge_writes_format_2_with_every_source(nway, more_loras):
+    path, loras = nway
+    scheduled = fileformat.read(path, with_tensors=True)
+    assert scheduled.metadata[fileformat.KEY_VERSION] == "2"
+    assert [(s["file"], s["role"], s["strength"]) for s in scheduled.sources] == [
+        ("subject.safetensors", SUBJECT, 1.0), ("subject2.safetensors", SUBJECT, 0.8),
+        ("style.safetensors", STYLE, 1.0), ("style2.safetensors", STYLE, 1.0), ("detail.safetensors", STATIC, 0.7)]
+    assert {(i, j) for i, j, _ in scheduled.params["gammas"]} == {(0, 2), (0, 3), (1, 2), (1, 3)}
+    winners = {selection for phases in scheduled.schedule.layers.values() for _, selection in phases}
+    assert {(0,), (1,), (2,), (3,)} & {tuple(i for i in s if i != 4) for s in winners} == {(0,), (1,), (2,), (3,)}, \
+        "every subject and every style wins somewhere, so the test exercises the N-way rule"
+    ff = [name for name in scheduled.schedule.layers if name.endswith("ff.net.2") and name.startswith("unet")]
+    assert ff and all(4 in selection for name in ff for _, selection in scheduled.schedule.layers[name])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("steps", [10, 7])
+def test_nway_replay_equals_the_online_nway_rule(nway, pipe64, steps, mode):
+    path, loras = nway
+    rule, _ = rules.build("klora", loras, rules.RuleOptions(pattern="s*"))
+    with OnlineRule(pipe64, loras, rule):
+        online = generate(pipe64, steps)
+    with attach(pipe64, path, mode=mode):
+        replayed = generate(pipe64, steps)
+    assert (replayed - online).abs().max().item() < 1e-4
+    assert (online - generate(pipe64, steps)).abs().max().item() > 1e-3
+
+
+def test_plain_loading_gives_each_source_at_its_active_fraction(nway, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    path, loras = nway
+    schedule = fileformat.read(path).schedule
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    pipe.load_lora_weights(str(path), adapter_name="plain")
+    for name in loras.module_names:
+        loaded = get_module(pipe, name).get_delta_weight("plain").double()
+        expected = torch.zeros_like(loaded)
+        for source, weight in zip(loras.sources, schedule.static_weights(name, len(loras.sources))):
+            if name in source.lora.modules:
+                expected += weight * source.lora.modules[name].delta().reshape(loaded.shape)  # strength included
+        assert torch.allclose(loaded, expected, rtol=1e-5, atol=1e-7), name
+
+
+def test_inspect_and_heatmap_show_every_source(nway, tmp_path):
+    path, _ = nway
+    shown = run("inspect", path, "--png", tmp_path / "n.png")
+    assert shown.exit_code == 0, shown.output
+    for label in ("subject1", "subject2", "style1", "style2", "static"):
+        assert f"\n{label} " in shown.output
+    assert "strength 0.8" in shown.output and "static subject1/subject2/style1/style2/static" in shown.output
+    assert (tmp_path / "n.png").stat().st_size > 1000
+
+
+def test_a_format_1_file_still_reads_inspects_and_replays_as_before(tiny_base, kohya_pair, pipe64, tmp_path):
+    """The golden file was written by lorasched 7b0e8e3 (format 1) from conftest's seeded tiny_base and kohya_pair,
+    K-LoRA `s*`, 10 reference steps. Today's merge of the same pair makes the same tensors, and both replay alike."""
+    old = fileformat.read(FORMAT_1, with_tensors=True)
+    assert old.metadata[fileformat.KEY_VERSION] == "1" and old.roles == (SUBJECT, STYLE)
+    pair = read_pair(str(tiny_base), *map(str, kohya_pair))
+    assert [s["sha256"] for s in old.sources] == [pair.subject.sha256, pair.style.sha256]
+    new_path = tmp_path / "new.safetensors"
+    assert run("merge", "--base", tiny_base, "--subject", kohya_pair[0], "--style", kohya_pair[1], "--pattern", "s*",
+               "--steps", 10, "-o", new_path).exit_code == 0
+    new = fileformat.read(new_path, with_tensors=True)
+    assert old.schedule.layers == new.schedule.layers
+    assert old.tensors.keys() == new.tensors.keys() and all(torch.equal(old.tensors[k], new.tensors[k])
+                                                            for k in old.tensors)
+    assert run("inspect", FORMAT_1).exit_code == 0
+    rule = rules.from_file(old)
+    with OnlineRule(pipe64, pair, rule):
+        online = generate(pipe64, 7)
+    for mode in MODES:
+        with attach(pipe64, FORMAT_1, mode=mode):
+            replayed_old = generate(pipe64, 7)
+        with attach(pipe64, new_path, mode=mode):
+            replayed_new = generate(pipe64, 7)
+        assert torch.equal(replayed_old, replayed_new)
+        assert (replayed_old - online).abs().max().item() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(tmp_path_factory) -> Path:
+    """A LoRA for another base (tiny SDXL): it cannot be read onto the tiny SD base."""
+    from lorasched.tiny import tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors"
+    save_file(random_kohya_lora(tiny_sdxl_pipeline(), 4, 4.0, seed=5), path)
+    return path
+
+
+def _refused(result, out: Path) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+    return lines[0]
+
+
+def test_bad_sets_are_refused_in_one_line_without_output(tiny_base, more_loras, sdxl_lora, tmp_path):
+    out = tmp_path / "out.safetensors"
+    subject, style = more_loras["subject"], more_loras["style"]
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(style, copy)
+    cases = {
+        "given twice": ("--subject", subject, "--style", subject),
+        "same sha256": ("--subject", subject, "--style", style, "--style", copy),
+        "role is given twice": ("--subject", f"style={subject}", "--style", style),
+        "at least two": ("--subject", subject),
+        "no style": ("--subject", subject, "--lora", style),
+        str(sdxl_lora.name): ("--subject", subject, "--style", sdxl_lora),
+        "--method feature-kl: works on one": ("--subject", subject, "--subject", more_loras["subject2"], "--style",
+                                              style, "--method", "feature-kl"),
+        "--period: only --method switch": ("--subject", subject, "--style", style, "--period", 2),
+    }
+    for expected, args in cases.items():
+        line = _refused(run("merge", "--base", tiny_base, *args, "-o", out), out)
+        assert expected in line, (expected, line)
