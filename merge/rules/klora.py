@@ -6,11 +6,13 @@ The score is exact. Each entry of ΔW is the float64 sum, in rank order, of the 
 entry order or summation order changes it.
 
 No dense ΔW is built to find those entries. ΔW is computed in float32, a tile of rows at a time (on `cuda` when
-asked), and each tile is read once and dropped: its |entries| add to Σ|ΔW| (γ's L1, taken from the float32 entries),
-and only the entries that can still be among the K largest are kept, by a running lower bound on the K-th largest
-float32 |entry| (the K-th largest of the group maxima of a tile, then of the kept entries). An entry is kept while
-its float32 value reaches that bound less twice `error_bound`, the most a float32 entry can differ from the exact
-one; so the kept set provably holds the K largest exact entries, and only those few are recomputed in float64.
+asked; on the CPU 1 MiB, which keeps the matmul's output in cache), and each tile is read once and dropped: its
+|entries| add to Σ|ΔW| (γ's L1, taken from the float32 entries: a float32 sum per tile, the tiles' sums added with
+`math.fsum`), and only the entries that can still be among the K largest are kept, by a running lower bound on the
+K-th largest float32 |entry| (the K-th largest of the group maxima of a tile, then of the kept entries). An entry is
+kept while its float32 value reaches that bound less twice `error_bound`, the most a float32 entry can differ from
+the exact one; so the kept set provably holds the K largest exact entries, and only those few are recomputed in
+float64.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from .switch import SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
 
 PATTERNS = {"s": Ramp(1.5, 0.5), "s*": Ramp(1.5, 1.275, wrap=True)}
 
-TILE_ENTRIES = {"cpu": 1 << 21, "cuda": 1 << 25}  # float32 entries per tile: 8 MiB stays in a CPU's L3 cache
-GROUPS_PER_K = 4  # a tile's entries fall into 4·K groups whose maxima bound its K-th largest entry
+TILE_ENTRIES = {"cpu": 1 << 18, "cuda": 1 << 25}  # float32 entries per tile: 1 MiB stays in a CPU core's L2 cache
+GROUPS_PER_K = 4  # before K entries are kept, a tile's entries fall into 4·K groups whose maxima bound its K-th largest
 CUT_PER_K = 2  # the kept entries are cut back to the bound whenever they number 2·K
 UNIT_ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}  # input rounding of a float32 matmul (TF32, bf16)
 
@@ -71,63 +73,75 @@ def _below(value: float) -> float:
     return float(single if single <= value else numpy.nextafter(single, numpy.float32(-numpy.inf)))
 
 
+def _kth_largest(values: numpy.ndarray, k: int) -> float:
+    return float(numpy.partition(values, values.size - k)[values.size - k])
+
+
+def _at_least(flat: torch.Tensor, threshold: float) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(values, flat indices) of the entries ≥ threshold. On the CPU through numpy, whose comparison and
+    `flatnonzero` on a cached tile take a tenth of torch's `>=` and `nonzero`."""
+    if flat.device.type == "cpu":
+        array = flat.numpy()
+        index = numpy.flatnonzero(array >= threshold)
+        return array[index], index
+    index = (flat >= threshold).nonzero().squeeze(1)
+    return flat[index].cpu().numpy(), index.cpu().numpy()
+
+
 class Candidates:
     """The float32 |entries| seen so far that can still be among the K largest, with their flat indices.
 
     `bound` never exceeds the K-th largest float32 |entry| seen: it is the K-th largest of the kept entries once
     there are K of them, before that the K-th largest of a tile's group maxima (each group maximum is an entry).
-    A tile's groups are 4·K runs of consecutive entries, so a tile is scanned by one fast row reduction and only
-    the runs whose maximum reaches the threshold are looked into.
+    The groups are 4·K strided slices of the tile (entries i, i + 4·K, …), so their maxima are one fast reduction
+    over the tile's leading dimension; after that a tile costs one comparison with the threshold.
     """
 
     def __init__(self, k: int, slack: float) -> None:
         self.k, self.slack = k, slack
         self.bound = -math.inf
-        self.values = torch.empty(0)
-        self.index = torch.empty(0, dtype=torch.int64)
+        self.values = numpy.empty(0, dtype=numpy.float32)
+        self.index = numpy.empty(0, dtype=numpy.int64)
+        self.pending: list[tuple[numpy.ndarray, numpy.ndarray]] = []
+        self.count = 0
 
     def add(self, tile: torch.Tensor, offset: int) -> None:
         """Keep the entries of a tile of |ΔW| (flat indices from `offset`) that reach the bound less the slack."""
         flat = tile.view(-1)
-        length = flat.numel() // (self.k * GROUPS_PER_K)
-        values, index = [self.values.to(flat.device)], [self.index.to(flat.device)]
-        rest = flat
-        if length > 1:
-            runs = flat[: flat.numel() // length * length].view(-1, length)
-            maxima = runs.amax(1)
-            if self.values.numel() < self.k:
-                self.bound = max(self.bound, float(maxima.topk(self.k, sorted=False).values.min()))
-            threshold = _below(self.bound - self.slack)
-            hit = (maxima >= threshold).nonzero().squeeze(1)
-            run, position = (runs[hit] >= threshold).nonzero().unbind(1)
-            values.append(runs[hit[run], position])
-            index.append(offset + hit[run] * length + position)
-            rest, offset = flat[runs.numel():], offset + runs.numel()
-        kept = (rest >= _below(self.bound - self.slack)).nonzero().squeeze(1)
-        values.append(rest[kept])
-        index.append(offset + kept)
-        self.values, self.index = torch.cat(values), torch.cat(index)
-        if self.values.numel() >= CUT_PER_K * self.k:
+        groups = min(flat.numel(), GROUPS_PER_K * self.k)
+        if self.count < self.k and groups >= self.k:
+            maxima = flat[: flat.numel() // groups * groups].view(-1, groups).amax(0).cpu().numpy()
+            self.bound = max(self.bound, _kth_largest(maxima, self.k))
+        values, index = _at_least(flat, _below(self.bound - self.slack))
+        self.pending.append((values.copy(), index + offset))  # the values are a view of the tile, which is reused
+        self.count += values.size
+        if self.count >= CUT_PER_K * self.k:
             self.cut()
 
     def cut(self) -> None:
         """Raise the bound to the K-th largest kept entry and drop what falls below it less the slack."""
-        if self.values.numel() > self.k:
-            self.bound = max(self.bound, float(self.values.topk(self.k, sorted=False).values.min()))
-            keep = self.values >= _below(self.bound - self.slack)
+        if self.pending:
+            self.values = numpy.concatenate([self.values, *(values for values, _ in self.pending)])
+            self.index = numpy.concatenate([self.index, *(index for _, index in self.pending)])
+            self.pending = []
+        if self.values.size > self.k:
+            self.bound = max(self.bound, _kth_largest(self.values, self.k))
+            keep = numpy.flatnonzero(self.values >= _below(self.bound - self.slack))
             self.values, self.index = self.values[keep], self.index[keep]
+        self.count = self.values.size
 
 
-def exact_entries(up: torch.Tensor, down: torch.Tensor, index: torch.Tensor) -> numpy.ndarray:
+def exact_entries(up: torch.Tensor, down: torch.Tensor, index: numpy.ndarray) -> numpy.ndarray:
     """Entries of up · down at flat indices, in float64: the products (exact) summed in rank order, one
-    element-wise addition per rank (each correctly rounded, so the same on any machine)."""
-    index, up, down = index.cpu(), up.flatten(1), down.flatten(1)
-    rows = up[index // down.shape[1]].to(torch.float64)  # (n, r)
-    columns = down[:, index % down.shape[1]].to(torch.float64)  # (r, n)
-    products = torch.mul(rows.T, columns, out=torch.empty_like(columns)).numpy()  # (r, n), row-major
-    entries = products[0].copy()
-    for row in products[1:]:
-        entries += row
+    element-wise addition per rank (each correctly rounded, so the same on any machine). Each rank's factors are
+    gathered from one contiguous float64 row, which stays in cache (gathering across rows costs several times more)."""
+    up, down = up.flatten(1), down.flatten(1)
+    rows, columns = numpy.divmod(index, down.shape[1])
+    up = up.T.to(torch.float64, memory_format=torch.contiguous_format).numpy()  # (r, out)
+    down = down.to(torch.float64).numpy()  # (r, in)
+    entries = up[0].take(rows) * down[0].take(columns)
+    for up_row, down_row in zip(up[1:], down[1:]):
+        entries += up_row.take(rows) * down_row.take(columns)
     return entries
 
 
@@ -148,19 +162,19 @@ def topk_and_l1(lora: LoraModule, k: int, device="cpu", scratch: Scratch | None 
     rows, cols = up.shape[0], down.shape[1]
     source_dtype = torch.promote_types(up_source.dtype, down_source.dtype)
     candidates = Candidates(k, 2 * error_bound(up, down, source_dtype))
-    l1 = torch.zeros((), dtype=torch.float64, device=device)
-    step = max(1, TILE_ENTRIES.get(device.type, TILE_ENTRIES["cuda"]) // cols)
-    scratch = scratch or Scratch()
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        tile = scratch.tile(stop - start, cols, device)
-        torch.mm(up[start:stop], down, out=tile)
+    step = min(rows, max(1, TILE_ENTRIES.get(device.type, TILE_ENTRIES["cuda"]) // cols))
+    buffer = (scratch or Scratch()).tile(step, cols, device)
+    sums = torch.empty(-(-rows // step), dtype=torch.float32, device=device)  # each tile's Σ|entries|
+    for number, start in enumerate(range(0, rows, step)):
+        tile = buffer[: min(step, rows - start)]
+        torch.mm(up[start:start + step], down, out=tile)
         tile.abs_()
-        l1 += tile.sum()
+        torch.sum(tile.view(-1), 0, out=sums[number])
         candidates.add(tile, start * cols)
     candidates.cut()
+    l1 = math.fsum(sums.tolist())
     entries = exact_entries(up_source, down_source, candidates.index)
-    return topk_abs_sum(numpy.abs(entries * lora.scale), k), float(l1) * abs(lora.scale)
+    return topk_abs_sum(numpy.abs(entries * lora.scale), k), l1 * abs(lora.scale)
 
 
 def module_scores(
