@@ -394,10 +394,10 @@ def _strengthened(lora: LoraFile, strength: float) -> LoraFile:
 
 def read_set(base: str, specs: list[LoraSpec], allow_pickle: bool = False) -> LoraSet:
     """Every LoRA checked, then read onto one skeleton of the base in their own (promoted) dtype; see base.py."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
-
     raws = [open_lora(spec.path, allow_pickle) for spec in specs]
-    with ThreadPoolExecutor(2) as scanning:  # while the skeleton is built (reads, hashing and torch free the GIL)
+    # The files are hashed and checked (reads, hashlib and torch free the GIL) while diffusers is imported (first in
+    # load_skeleton) and the skeleton built.
+    with ThreadPoolExecutor(2) as scanning:
         scans = [scanning.submit(scan, raw) for raw in raws]
         skeleton = load_skeleton(base, functools.reduce(torch.promote_types, (raw.dtype for raw in raws)))
         digests = [future.result() for future in scans]
@@ -412,6 +412,8 @@ def read_set(base: str, specs: list[LoraSpec], allow_pickle: bool = False) -> Lo
                              spec.strength), spec.role, spec.strength)
         for index, (spec, raw, digest) in enumerate(zip(specs, raws, digests))
     )
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+
     loras = LoraSet(
         sources=sources,
         denoiser=denoiser_name(skeleton),
