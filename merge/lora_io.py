@@ -45,6 +45,7 @@ LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "_lora.down", "_lora
 # Tensors that ride along in some LoRA files without being LoRA factors: textual-inversion embeddings saved by
 # pivotal tuning (cloneofsimo `<s1>`, kohya `bundle_emb.<token>.…`). Layouts are recognised without them.
 RIDER = re.compile(r"^<[^>]+>$|^bundle_emb\.")
+MIN_MAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what torch.aminmax reduces
 FOREIGN_LAYOUTS = (  # (test on the LoRA keys, what to tell the user): formats no loader maps onto module names
     (lambda keys: all(k.count(":") == 2 and k.endswith((":up", ":down")) for k in keys),
      "cloneofsimo lora_diffusion format (`<part>:<index>:up/down` keys index a module list, no module names); "
@@ -180,8 +181,14 @@ def _described(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dty
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite. A NaN or an infinity makes the sum NaN or infinite, so a finite float32 sum
-    (one fast reduction) proves them all finite; only a sum that overflowed is looked at value by value."""
+    """Whether every value is finite. The minimum and maximum propagate a NaN and reach an infinity, so two finite
+    extremes (one reduction, no widening: a tenth of a float32 sum's time for fp16) prove them all finite. Other
+    dtypes (float8): a NaN or an infinity makes the float32 sum NaN or infinite, and only a sum that overflowed is
+    looked at value by value."""
+    if tensor.numel() == 0:
+        return True
+    if tensor.dtype in MIN_MAX_DTYPES:
+        return all(math.isfinite(float(extreme)) for extreme in torch.aminmax(tensor))
     return math.isfinite(float(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 

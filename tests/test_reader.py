@@ -223,3 +223,18 @@ def test_the_real_configs_read_kohya_and_peft_files_with_text_encoders_as_a_load
         path = tmp_path / f"{label}.safetensors"
         save_file(content, path)
         assert stored(assert_same_as_a_load(path, folder)), label
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e5m2])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_value_anywhere_is_found(dtype, value):
+    """The finiteness check (min and max, or a float32 sum for float8) finds one bad value at any position."""
+    from lorasched.merge.lora_io import all_finite
+
+    for shape in [(1, 1), (7, 3), (320, 1280)]:
+        tensor = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
+        assert all_finite(tensor)
+        for position in {0, tensor.numel() // 3, tensor.numel() - 1}:
+            bad = tensor.clone()
+            bad.view(-1)[position] = value
+            assert not all_finite(bad), (shape, position)
