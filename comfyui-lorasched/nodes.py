@@ -14,7 +14,7 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from .replay import Replay, ScheduledLoRA, train_timesteps
-from .scheduled_file import ACTIVE, SOURCES, Module, ScheduledLora, error, read
+from .scheduled_file import Module, ScheduledLora, error, read
 
 WRAPPER_KEY = "lorasched"
 
@@ -48,7 +48,7 @@ def _targets(scheduled: ScheduledLora, modules: list[Module], key_map: dict, mod
     return targets
 
 
-def _source_lora(modules: list[Module], source: str) -> dict[str, torch.Tensor]:
+def _source_lora(modules: list[Module], source: int) -> dict[str, torch.Tensor]:
     """One source's factors as a plain LoRA state dict (no alphas: scale 1) under the file's own keys."""
     lora = {}
     for module in modules:
@@ -68,7 +68,7 @@ def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
     if scheduled.axis == "noise":  # refuse an unsupported sampling now, not at the first step
         train_timesteps(scheduled.path, model.get_model_object("model_sampling"))
     adapters = {source: comfy.lora.load_lora(_source_lora(modules, source), key_map, log_missing=False)
-                for source in SOURCES}
+                for source in range(len(scheduled.sources))}
     patches = {}
     for module in modules:
         target = targets[module.name]
@@ -85,16 +85,16 @@ def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
 
 
 def patch_text_encoders(clip, scheduled: ScheduledLora, strength: float):
-    """The text encoders run once per prompt, outside the denoising loop: each gets its first phase's source(s)
-    (both, where both LoRAs adapt it) through ComfyUI's own LoRA loader."""
-    modules = [module for module in scheduled.modules.values() if not module.is_denoiser]
+    """The text encoders run once per prompt, outside the denoising loop: each gets its first phase's sources
+    (every LoRA that adapts it, as lorasched writes them) through ComfyUI's own LoRA loader."""
+    modules = [module for module in scheduled.modules.values() if not module.is_denoiser and module.phases[0][1]]
     if not modules:
         return clip
     _targets(scheduled, modules, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), clip.cond_stage_model,
              "text encoder")
     lora = {}
     for module in modules:
-        active = ACTIVE[module.phases[0][1]]
+        active = module.phases[0][1]
         lora[f"{module.key}.lora_down.weight"] = torch.cat([module.factors[source][0] for source in active], 0)
         lora[f"{module.key}.lora_up.weight"] = torch.cat([module.factors[source][1] for source in active], 1)
     return comfy.sd.load_lora_for_models(None, clip, lora, 0.0, strength)[1]
@@ -122,9 +122,9 @@ class LoadScheduledLora:
     RETURN_TYPES = ("MODEL", "CLIP")
     FUNCTION = "load"
     CATEGORY = "loaders"
-    DESCRIPTION = ("Loads a lorasched scheduled LoRA (a subject and a style LoRA fused into one file) and replays its "
-                   "schedule: at every sampling step each layer carries the subject, the style or both, as the file "
-                   "says. LoraLoader on the same file applies only its static mix.")
+    DESCRIPTION = ("Loads a lorasched scheduled LoRA (subject, style and static LoRAs fused into one file) and "
+                   "replays its schedule: at every sampling step each layer carries the LoRAs the file says (one, "
+                   "several or none). LoraLoader on the same file applies only its static mix.")
 
     def load(self, model, clip, lora_name: str, strength_model: float, strength_clip: float):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)

@@ -1,12 +1,13 @@
 """Replaying a schedule with ComfyUI's own machinery: one weight patch per layer, a clock in two wrappers.
 
 - `ScheduledLoRA` is a weight patch (a `WeightAdapterBase`, added with `ModelPatcher.add_patches`) whose delta is
-  its layer's active source(s), computed by ComfyUI's own `LoRAAdapter`s. ComfyUI applies it wherever it applies a
-  LoRA: into the weight when it loads the model, or at every call for layers it leaves in low-VRAM mode
-  (`LowVramPatch` calls `comfy.lora.calculate_weight` on the patch list each time), so both follow the schedule.
+  the sum of its layer's active sources (any number of them, or none), computed by ComfyUI's own `LoRAAdapter`s.
+  ComfyUI applies it wherever it applies a LoRA: into the weight when it loads the model, or at every call for
+  layers it leaves in low-VRAM mode (`LowVramPatch` calls `comfy.lora.calculate_weight` on the patch list each
+  time), so both follow the schedule.
 - `Replay` is the clock: a `SAMPLER_SAMPLE` wrapper notes which sampler runs, a `PREDICT_NOISE` wrapper (once per
   model evaluation, before its cond and uncond calls) maps the evaluation's sigma onto the schedule's axis and,
-  when a switch point is crossed, flips the switching patches and rewrites only the weights whose source changed,
+  when a switch point is crossed, flips the switching patches and rewrites only the weights whose sources changed,
   from ComfyUI's own exact backup of the original (`rewrite`).
 """
 
@@ -26,7 +27,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from .scheduled_file import ACTIVE, Module, error
+from .scheduled_file import Module, Selection, error
 
 # Samplers whose extra evaluations inside step n can land on the next step's sigma S[n+1] (Heun's corrector, Heun++'s
 # look-aheads at S[n+1] and S[n+2], and the ancestral midpoint sqrt(S[n] * sigma_down), which is S[n+1] at eta = 1),
@@ -37,19 +38,20 @@ SIGMA_TOLERANCE = 1e-6  # relative: a sampler's sigma equals the schedule's entr
 
 
 class ScheduledLoRA(WeightAdapterBase):
-    """A weight patch that adds its module's active source(s); `active` is set by the clock."""
+    """A weight patch that adds its module's active sources (none: the weight as it is); `active` is set by the
+    clock."""
 
     name = "lorasched"
 
-    def __init__(self, key: str, module: Module, sources: dict[str, WeightAdapterBase]) -> None:
+    def __init__(self, key: str, module: Module, sources: dict[int, WeightAdapterBase]) -> None:
         self.key = key  # the model weight it patches (several modules share one in FLUX's fused qkv)
         self.module = module
-        self.sources = sources  # ComfyUI LoRAAdapters, one per source, c_k already divided out
-        self.active = module.phases[0][1]
+        self.sources = sources  # ComfyUI LoRAAdapters by source index, c_k already divided out
+        self.active: Selection = module.phases[0][1]
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        for source in ACTIVE[self.active]:
+        for source in self.active:
             weight = self.sources[source].calculate_weight(weight, key, strength, strength_model, offset, function,
                                                            intermediate_dtype, original_weight)
         return weight
@@ -175,12 +177,12 @@ class Replay:
         return self.step / len(self._starts)
 
     def switch(self, patcher, time: float) -> None:
-        """Set every switching patch to its source at `time`; rewrite the weights of those that changed."""
+        """Set every switching patch to its sources at `time`; rewrite the weights of those that changed."""
         changed = set()
         for patch in self.patches:
-            source = patch.module.source_at(time)
-            if source != patch.active:
-                patch.active = source
+            selection = patch.module.selection_at(time)
+            if selection != patch.active:
+                patch.active = selection
                 changed.add(patch.key)
         written = sum(rewrite(patcher, key) for key in sorted(changed))
         logging.debug("lorasched: time %.4f, %d weights switched, %d rewritten", time, len(changed), written)
