@@ -33,8 +33,8 @@ import nodes  # noqa: E402
 sys.argv = _argv
 torch.set_num_threads(1)  # tiny models gain nothing from intra-op threads; a shared 2-core host loses a lot
 
-from worlds import (comfy_clip, comfy_flux, comfy_unet, make_flux_world, make_sd_world,  # noqa: E402
-                    make_sdxl_world)
+from worlds import (comfy_clip, comfy_flux, comfy_unet, make_flux_world, make_sd_sets,  # noqa: E402
+                    make_sd_world, make_sdxl_world)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +52,11 @@ def pack_module(name: str):
 @pytest.fixture(scope="session")
 def sd(tmp_path_factory) -> SimpleNamespace:
     return make_sd_world(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="session")
+def sd_sets(sd, tmp_path_factory) -> SimpleNamespace:
+    return make_sd_sets(sd, tmp_path_factory.mktemp("sd_sets"))
 
 
 @pytest.fixture(scope="session")

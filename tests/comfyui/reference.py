@@ -2,8 +2,9 @@
 
 Independent of the node: the file is read by lorasched itself (`fileformat.read`, `replay.source_factors`, its
 `Schedule`), ComfyUI's key map only says which weight each key patches, and each sampling step's weights are
-written with plain torch as original + the schedule's active delta(s), in the float32 arithmetic ComfyUI's LoRA
-patch uses (W + B·A per source, subject first), so any difference is a difference in *which* deltas are active.
+written with plain torch as original + the schedule's active deltas (any number, or none), in the float32
+arithmetic ComfyUI's LoRA patch uses (W + B·A per source, in source order), so any difference is a difference in
+*which* deltas are active. lorasched reads format 1 and 2 into the same structure (sources by index).
 The step of each model evaluation comes from the sampler's own structure (EVALS_PER_STEP), not from sigmas.
 """
 
@@ -18,7 +19,6 @@ from comfy.patcher_extension import WrappersMP
 from lorasched.merge import fileformat
 from lorasched.merge.replay import source_factors
 
-ACTIVE = {"subject": ("subject",), "style": ("style",), "both": ("subject", "style")}
 # Model evaluations per step (the last step, ending at sigma 0, takes one: Euler for heun, sigma_down = 0 for the
 # ancestral sampler), read off comfy/k_diffusion/sampling.py.
 EVALS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2s_ancestral": 2}
@@ -41,7 +41,7 @@ class HandSetWeights:
         factors = source_factors(scheduled)
         key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
         self.model = patcher.model
-        self.parts: dict[str, list] = {}  # model weight -> [(offset or None, module, {source: ΔW})]
+        self.parts: dict[str, list] = {}  # model weight -> [(offset or None, module, {source index: ΔW})]
         for name in self.schedule.layers:
             if not name.startswith(("unet.", "transformer.")):
                 continue
@@ -56,7 +56,7 @@ class HandSetWeights:
             weight = self.originals[key].clone()
             for offset, name, deltas in parts:
                 view = weight if offset is None else weight.narrow(*offset)
-                for source in ACTIVE[self.schedule.active(name, time)]:
+                for source in self.schedule.active(name, time):
                     view += deltas[source].reshape(view.shape)
             comfy.utils.get_attr(self.model, key).data.copy_(weight)
 

@@ -18,7 +18,7 @@ from comfy.patcher_extension import WrappersMP
 from conftest import NODE_PACK
 from lorasched.merge import fileformat
 from lorasched.merge.replay import source_factors
-from reference import ACTIVE, reference_sample, sample, step_times
+from reference import reference_sample, sample, step_times
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from worlds import sd_conditioning
@@ -138,10 +138,12 @@ def test_a_clone_without_the_node_is_unchanged(sd, sd_model, apply):
     assert not base.patches and "lorasched" not in base.wrappers.get(WrappersMP.PREDICT_NOISE, {})
 
 
-def test_text_encoders_get_the_first_phase_through_comfyui_lora_path(sd, sd_model, sd_clip, apply):
-    """The CLIP part: every text-encoder layer gets original + its source(s) (both LoRAs here), the input CLIP is
-    untouched, and strength_model 0 leaves the model as it came in."""
-    path = sd.files["klora-s*"]
+@pytest.mark.parametrize("world, file", [("sd", "klora-s*"), ("sd_sets", "nway")])
+def test_text_encoders_get_the_first_phase_through_comfyui_lora_path(request, sd_model, sd_clip, apply, world, file):
+    """The CLIP part: every text-encoder layer gets original + its sources (every LoRA with a text-encoder part:
+    both of the pair, three of the N-way set), the input CLIP is untouched, and strength_model 0 leaves the model
+    as it came in."""
+    path = request.getfixturevalue(world).files[file]
     clip, model = sd_clip(), sd_model()
     originals = {key: value.clone() for key, value in clip.cond_stage_model.state_dict().items()}
     (same_model, patched) = apply(model, path, clip, strength_model=0.0, strength_clip=1.0)
@@ -155,7 +157,7 @@ def test_text_encoders_get_the_first_phase_through_comfyui_lora_path(sd, sd_mode
     for name in text_layers:
         key = key_map[scheduled.modules[name]["key"]]
         expected = originals[key].float()
-        for source in ACTIVE[scheduled.schedule.layers[name][0][1]]:
+        for source in scheduled.schedule.layers[name][0][1]:
             down, up = factors[name][source]
             expected += up @ down
         weight = comfy.utils.get_attr(clip.cond_stage_model, key)  # in the text encoder's dtype (fp16 on CPU)
@@ -192,7 +194,8 @@ def test_lora_loader_reads_every_key_as_the_static_mix(request, loras_folder, ca
     static.unpatch_model()
 
 
-@pytest.mark.parametrize("damage", ["plain LoRA", "tampered", "not a LoRA", "newer format", "other architecture"])
+@pytest.mark.parametrize("damage", ["plain LoRA", "tampered", "not a LoRA", "newer format", "unknown source",
+                                    "other architecture"])
 def test_bad_files_raise_a_clear_error(sd, flux, sd_model, apply, tmp_path, damage):
     source = sd.files["klora-s"]
     with safe_open(source, "pt") as handle:
@@ -203,7 +206,8 @@ def test_bad_files_raise_a_clear_error(sd, flux, sd_model, apply, tmp_path, dama
         "plain LoRA": "a plain LoRA.*LoraLoader",
         "tampered": "tensor hash does not match",
         "not a LoRA": "not a lorasched scheduled LoRA",
-        "newer format": "format 2 is not supported",
+        "newer format": "format 3 is not supported by this node .it reads formats 1, 2.",
+        "unknown source": "schedule of unet.* uses unknown source.s. .2.; the file lists 2 sources",
         "other architecture": "have no weight in this model .SD15.* flux1",
     }[damage]
     if damage == "plain LoRA":
@@ -215,7 +219,12 @@ def test_bad_files_raise_a_clear_error(sd, flux, sd_model, apply, tmp_path, dama
     elif damage == "not a LoRA":
         save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4)}, target)
     elif damage == "newer format":
-        save_file(tensors, target, metadata={**metadata, "lorasched.format_version": "2"})
+        save_file(tensors, target, metadata={**metadata, "lorasched.format_version": "3"})
+    elif damage == "unknown source":
+        schedule = json.loads(metadata["lorasched.schedule"])
+        layer = next(name for name in schedule["layers"] if name.startswith("unet."))
+        schedule["layers"][layer] = [[0.0, [0]], [0.5, [0, 2]]]
+        save_file(tensors, target, metadata={**metadata, "lorasched.schedule": json.dumps(schedule)})
     else:
         target.write_bytes(flux.files["klora-s*"].read_bytes())
     with pytest.raises(ValueError, match=expected) as raised:

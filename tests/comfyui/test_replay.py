@@ -1,7 +1,8 @@
 """The node replays the schedule exactly: ComfyUI's own sampling with the node equals the same ComfyUI model with
 every step's weights set by hand from the file (reference.py), for K-LoRA `s` and `s*`, feature-kl (noise axis),
 a second-order and an ancestral second-order sampler, at the file's step count and another, on SD1.x, SDXL (kohya
-SGM names) and FLUX (diffusers names, fused qkv)."""
+SGM names) and FLUX (diffusers names, fused qkv); for N sources (two subjects, a style, a static LoRA), phases
+without any LoRA (switch, windows), and a format-1 file."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import pack_module
 from lorasched.merge import fileformat
 from lorasched.merge.clock import Clock, timestep_scale
 from reference import reference_sample, sample, step_times
-from worlds import KLORA_STEPS, flux_conditioning, sd_conditioning, sdxl_conditioning
+from worlds import FORMAT_1_FILE, KLORA_STEPS, flux_conditioning, sd_conditioning, sdxl_conditioning
 
 TOLERANCE = 1e-4  # float32 latents
 
@@ -92,6 +93,60 @@ def test_flux_klora_replays_exactly(flux, flux_model, apply, steps):
     reference = reference_sample(flux_model(), path, noise, conds, steps, "euler", cfg=1.0, scheduler="simple")
     base = sample(flux_model(), noise, conds, steps, "euler", cfg=1.0, scheduler="simple")
     _check(out, reference, base, f"flux klora-s* euler {steps}")
+
+
+def _sd_replays_exactly(sd_model, apply, path, steps: int, seed: int, label: str) -> torch.Tensor:
+    """Euler on the tiny SD model with the node equals the hand-set reference; returns the node's latent."""
+    assert _switching_steps(path, step_times(sd_model(), "progress", steps)) > 0
+    noise, conds = _noise(seed), sd_conditioning(seed)
+    (model, _) = apply(sd_model(), path)
+    out = sample(model, noise, conds, steps, "euler", cfg=5.0)
+    reference = reference_sample(sd_model(), path, noise, conds, steps, "euler", cfg=5.0)
+    _check(out, reference, sample(sd_model(), noise, conds, steps, "euler", cfg=5.0), label)
+    return out
+
+
+@pytest.mark.parametrize("steps", [KLORA_STEPS, 5])
+def test_nway_klora_replays_exactly(sd_sets, sd_model, apply, steps):
+    """Format 2, four sources: each step, each layer carries the sum of the sources its phase lists (the second
+    subject where it wins, the static LoRA beside the style wherever it adapts)."""
+    path = sd_sets.files["nway"]
+    scheduled = fileformat.read(path)
+    assert scheduled.metadata[fileformat.KEY_VERSION] == "2"
+    assert scheduled.roles == ("subject", "subject", "style", "static")
+    unet = [phases for name, phases in scheduled.schedule.layers.items() if name.startswith("unet.")]
+    assert any(len(phases) > 1 and (1,) in {selection for _, selection in phases} for phases in unet)
+    assert any((2, 3) in {selection for _, selection in phases} for phases in unet)
+    _sd_replays_exactly(sd_model, apply, path, steps, 7, f"nway klora-s* euler {steps}")
+
+
+@pytest.mark.parametrize("name", ["switch", "windows"])
+def test_phases_without_a_lora_replay_exactly(sd_sets, sd_model, apply, name):
+    """Switch turns and windows with a gap leave layers with no LoRA for some steps: their weight is the model's."""
+    path = sd_sets.files[name]
+    layers = fileformat.read(path).schedule.layers
+    assert any(selection == () for phases in layers.values() for _, selection in phases)
+    _sd_replays_exactly(sd_model, apply, path, KLORA_STEPS, 8, f"{name} euler {KLORA_STEPS}")
+
+
+def test_a_format_1_file_replays_as_its_format_2_merge(sd, sd_model, node, apply):
+    """The golden format-1 file is K-LoRA `s*` of this world's pair, written before format 2. The pack reads its
+    named phases and two-entry records into the structure it reads today's merge of the same pair into, and
+    samples it bitwise alike, equal to the reference."""
+    old, new = fileformat.read(FORMAT_1_FILE), fileformat.read(sd.files["klora-s*"])
+    assert old.metadata[fileformat.KEY_VERSION] == "1" and new.metadata[fileformat.KEY_VERSION] == "2"
+    assert [source["sha256"] for source in old.sources] == [source["sha256"] for source in new.sources]
+    read = pack_module("scheduled_file").read
+    ours, theirs = read(str(FORMAT_1_FILE)), read(str(sd.files["klora-s*"]))
+    assert ours.sources == theirs.sources and ours.modules.keys() == theirs.modules.keys()
+    for name, module in ours.modules.items():
+        other = theirs.modules[name]
+        assert module.phases == other.phases and module.factors.keys() == other.factors.keys()
+        assert all(torch.equal(a, b) for source in module.factors
+                   for a, b in zip(module.factors[source], other.factors[source]))
+    out = _sd_replays_exactly(sd_model, apply, FORMAT_1_FILE, KLORA_STEPS, 9, "format 1 klora-s* euler")
+    (model, _) = apply(sd_model(), sd.files["klora-s*"])
+    assert torch.equal(out, sample(model, _noise(9), sd_conditioning(9), KLORA_STEPS, "euler", cfg=5.0))
 
 
 @pytest.mark.parametrize("world", ["sd", "flux"])

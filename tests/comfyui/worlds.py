@@ -1,4 +1,5 @@
-"""Tiny worlds for the node's tests: lorasched files merged by lorasched from its tiny diffusers pipelines, ComfyUI
+"""Tiny worlds for the node's tests: lorasched files merged by lorasched from its tiny diffusers pipelines (format 2;
+a golden format-1 file of the SD world's pair in tests/data), ComfyUI
 models built by ComfyUI's own classes from those pipelines' state dicts (random weights, fixed seeds), and
 conditioning for them.
 
@@ -18,12 +19,16 @@ import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import torch
-from lorasched.convert import Calibration, merge
+from lorasched.convert import Calibration, merge_loras
 from lorasched.merge import rules
+from lorasched.merge.checks import LoraSpec
+from lorasched.merge.lora import STATIC, STYLE, SUBJECT
 from lorasched.tiny import random_kohya_lora, tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from safetensors.torch import save_file
 
 CPU = torch.device("cpu")
+# lorasched 7b0e8e3's K-LoRA `s*` of tests/conftest.py's tiny_base and kohya_pair: the SD world's base and pair
+FORMAT_1_FILE = Path(__file__).resolve().parents[1] / "data" / "format1-klora-s-star.safetensors"
 KLORA_STEPS = 8  # the reference step count written into the files
 FLUX_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "proj_mlp", "proj_out", "ff.net.2")
@@ -136,11 +141,15 @@ def flux_conditioning(seed: int, width: int = 32) -> tuple[list, list]:
     return cond(), cond()
 
 
-def _merge(base: Path, pair: tuple[Path, Path], output: Path, method: str = "klora", **options) -> Path:
-    """`lorasched merge` on CPU, K-LoRA by default, in the architecture's tensor format."""
+def _merge(base: Path, loras: tuple[Path, Path] | list[LoraSpec], output: Path, method: str = "klora",
+           **options) -> Path:
+    """`lorasched merge` on CPU of a (subject, style) pair or of LoraSpecs, K-LoRA by default, in the
+    architecture's tensor format."""
+    if isinstance(loras, tuple):
+        loras = [LoraSpec(str(loras[0]), SUBJECT), LoraSpec(str(loras[1]), STYLE)]
     calibration = options.pop("calibration", Calibration())
-    merge(str(base), *map(str, pair), str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
-          device="cpu", calibration=calibration)
+    merge_loras(str(base), loras, str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
+                device="cpu", calibration=calibration)
     return output
 
 
@@ -161,6 +170,25 @@ def make_sd_world(folder: Path) -> SimpleNamespace:
                              calibration=calibration),
     }
     return SimpleNamespace(pipe=pipe, pair=pair, files=files, folder=folder)
+
+
+def make_sd_sets(sd: SimpleNamespace, folder: Path) -> SimpleNamespace:
+    """Format-2 files no pair makes, on the SD world: K-LoRA `s*` over two subjects (the world's and one at strength
+    0.8 with text-encoder parts), its style and a static feed-forward LoRA at 0.7; LoRA Switch (turns of 2 of the 8
+    reference steps) and windows with a gap (subjects on [0, 0.3), styles on [0.6, 1)) of the world's pair, which
+    have phases where a layer carries no LoRA."""
+    subject2, detail = folder / "subject2.safetensors", folder / "detail.safetensors"
+    save_file(random_kohya_lora(sd.pipe, 2, 1.0, seed=11, text_encoder=True), subject2)
+    save_file(random_kohya_lora(sd.pipe, 2, 0.5, seed=13, targets=("ff.net.2",)), detail)
+    nway = [LoraSpec(str(sd.pair[0]), SUBJECT), LoraSpec(str(subject2), SUBJECT, 0.8),
+            LoraSpec(str(sd.pair[1]), STYLE), LoraSpec(str(detail), STATIC, 0.7)]
+    base = sd.folder / "base"
+    files = {
+        "nway": _merge(base, nway, folder / "nway.safetensors", pattern="s*"),
+        "switch": _merge(base, sd.pair, folder / "switch.safetensors", "switch", period=2),
+        "windows": _merge(base, sd.pair, folder / "windows.safetensors", "windows", windows=(0.3, 0.6)),
+    }
+    return SimpleNamespace(loras=nway, files=files, folder=folder)
 
 
 def make_flux_world(folder: Path) -> SimpleNamespace:
