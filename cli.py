@@ -64,7 +64,8 @@ def main() -> None:
 @click.option("--blocks", "blocks", help="blocks: `subject=<glob>,style=<glob>` module globs (default: the "
                                         "architecture's, see docs/methods.md).")
 @click.option("--steps", type=int, default=30, show_default=True,
-              help="Weight-only rules: reference step count for `inspect` (the file replays at any count). "
+              help="Weight-only rules: reference step count for `inspect` and switch's --period (the file replays "
+                   "at any count). "
                    "feature-kl and est probes: denoising steps of each calibration pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
@@ -96,7 +97,7 @@ def main() -> None:
 @click.option("--clip", default=DEFAULT_CLIP, show_default=True, help="--balance auto: CLIP model (folder or hub id).")
 @click.option("--dino", default=DEFAULT_DINO, show_default=True, help="--balance auto: DINO model (folder or hub id).")
 def merge(**params) -> None:
-    """Merge two LoRAs into one scheduled LoRA file."""
+    """Merge subject and style LoRAs (and static ones) into one scheduled LoRA file."""
     result = _merge(**params)
     if result is None:  # a process of a launch other than the main one: the main one reports
         return
@@ -142,7 +143,7 @@ def _merge(base, subjects, styles, others, method, pattern, alpha, beta, gamma_m
 
 def _wrote(result) -> str:
     switching = sum(1 for phases in result.schedule.layers.values() if len(phases) > 1)
-    return (f"wrote {result.output}: {result.method}, {result.decided} both-adapted layers "
+    return (f"wrote {result.output}: {result.method}, {result.decided} decided layers "
             f"({switching} switch during denoising), {len(result.schedule.layers)} modules in all")
 
 

@@ -126,7 +126,6 @@ def merge_loras(
     rules.validate(method, options)
     calibration.check()
     check_sources(loras, output)
-    pairwise = [spec.role for spec in loras] == [SUBJECT, STYLE]
     pair_only = {f"--method {method}": method in rules.CALIBRATED, "--balance auto": balance is not None,
                  "--method est without --beta (its probe images)": method == "est" and options.beta is None}
     for what, needs_pair in pair_only.items():
@@ -162,7 +161,7 @@ def merge_loras(
         schedule, params = calibrated
         if search is not None:
             params["balance"] = search.record()
-        scores = {}
+        scores, decided = {}, len(pair.decided)
     else:
         probe = None
         if method == "est" and options.beta is None:
@@ -183,10 +182,10 @@ def merge_loras(
             params["beta_source"] = probe
         params["steps"] = steps
         schedule = from_rule(rule, pair)
-        scores = getattr(rule, "scores", {})
+        scores, decided = getattr(rule, "scores", {}), len(rule.layers)
     export.export(output, pair, schedule, method=method, params=params, scores=scores, dtype=dtype,
                   tensor_format=tensor_format)
-    return MergeResult(Path(output), method, schedule, params, len(pair.decided), search)
+    return MergeResult(Path(output), method, schedule, params, decided, search)
 
 
 def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar,

@@ -69,7 +69,7 @@ def test_blocks_send_named_blocks_to_one_role_and_keep_both_elsewhere():
     files = [LoraFile(f"{r}.safetensors", r, torch.float32, {n: module(4, 4, 1, i) for i, n in enumerate(names)})
              for r in (SUBJECT, STYLE)]
     loras = LoraSet.pair(*files, denoiser="unet", pipeline_class="StableDiffusionXLPipeline")
-    rule = blocks.BlocksRule.of(loras, blocks.block_globs(loras, None))
+    rule = blocks.select(loras, blocks.block_globs(loras, None))
     assert [rule.phases(n) for n in names] == [[(0.0, (0,))], [(0.0, (1,))], [(0.0, (0, 1))]]
     assert blocks.parse_blocks("subject=a*,style=b*,style=c*") == {SUBJECT: ("a*",), STYLE: ("b*", "c*")}
     sd = LoraSet.pair(*files, denoiser="unet")
@@ -141,7 +141,7 @@ def reference(method: str, loras: LoraSet, options: tuple[str, ...]):
         return loras, lora_switch.LoraSwitchRule.of(loras, int(value), 10)
     if method == "windows":
         return loras, windows.WindowsRule.of(loras, *map(float, value.split(",")))
-    return loras, blocks.BlocksRule.of(loras, blocks.parse_blocks(value))
+    return loras, blocks.select(loras, blocks.parse_blocks(value))
 
 
 @pytest.mark.parametrize("method", list(CASES))

@@ -231,3 +231,11 @@ def test_bad_sets_are_refused_in_one_line_without_output(tiny_base, more_loras, 
     for expected, args in cases.items():
         line = _refused(run("merge", "--base", tiny_base, *args, "-o", out), out)
         assert expected in line, (expected, line)
+
+
+def test_verify_rebuilds_the_nway_rule_from_the_file_alone(nway, pipe64):
+    from lorasched.calibration.verify import verify
+
+    path, _ = nway
+    result = verify(pipe64, path, ["a photo of sks dog"], [3], 8, 7.5, 32)
+    assert result.agreement == 1.0 and result.latent_max_abs_diff < 1e-4

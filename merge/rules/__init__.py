@@ -119,7 +119,7 @@ def scheduled(method: str, loras: LoraSet, options: RuleOptions, steps: int):
         return windows.WindowsRule.of(loras, subject_end, style_start), {"subject_end": subject_end,
                                                                           "style_start": style_start}
     globs = blocks.block_globs(loras, options.blocks)
-    return blocks.BlocksRule.of(loras, globs), {role: list(patterns) for role, patterns in globs.items()}
+    return blocks.select(loras, globs), {role: list(patterns) for role, patterns in globs.items()}
 
 
 def rebalance(rule: SwitchRule, params: dict, beta: float, gamma_scale: float) -> tuple[SwitchRule, dict]:

@@ -10,10 +10,10 @@ established split: give `--blocks subject=<glob>,style=<glob>`.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 
 from ..errors import LoraschedError
-from ..lora import STYLE, SUBJECT, LoraSet, Selection
+from ..lora import STYLE, SUBJECT, LoraSet
+from .direct import DirectRule
 
 DEFAULT_BLOCKS = {
     "StableDiffusionXLPipeline": {SUBJECT: ("unet.up_blocks.0.attentions.0.*",),
@@ -45,27 +45,13 @@ def block_globs(loras: LoraSet, text: str | None) -> dict[str, tuple[str, ...]]:
     return DEFAULT_BLOCKS[loras.pipeline_class]
 
 
-@dataclass(frozen=True)
-class BlocksRule:
-    active: dict[str, Selection]
-
-    @classmethod
-    def of(cls, loras: LoraSet, globs: dict[str, tuple[str, ...]]) -> BlocksRule:
-        active = {}
-        for name in loras.decided:
-            roles = [role for role, patterns in globs.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-            if len(roles) > 1:
-                raise LoraschedError(f"--blocks: {name} matches both the subject and the style globs")
-            keep = {SUBJECT, STYLE} if not roles else set(roles)
-            active[name] = tuple(i for i in loras.switched(name) if loras.sources[i].role in keep)
-        return cls(active)
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.active)
-
-    def choose(self, module: str, p: float) -> Selection:
-        return self.active[module]
-
-    def phases(self, module: str) -> list[tuple[float, Selection]]:
-        return [(0.0, self.active[module])]
+def select(loras: LoraSet, globs: dict[str, tuple[str, ...]]) -> DirectRule:
+    """Each decided layer's static selection: the role whose globs match its name, or both roles."""
+    active = {}
+    for name in loras.decided:
+        roles = [role for role, patterns in globs.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        if len(roles) > 1:
+            raise LoraschedError(f"--blocks: {name} matches both the subject and the style globs")
+        keep = set(roles) or {SUBJECT, STYLE}
+        active[name] = tuple(i for i in loras.switched(name) if loras.sources[i].role in keep)
+    return DirectRule(active)

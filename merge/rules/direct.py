@@ -9,7 +9,10 @@ from ..lora import LoraSet, Selection
 
 @dataclass(frozen=True)
 class DirectRule:
-    active: dict[str, Selection]  # per decided module, the subjects and styles that adapt it
+    """A static selection per decided layer: direct's every LoRA there (`of`), or another method's fixed choice
+    (blocks, np-lora)."""
+
+    active: dict[str, Selection]
 
     @classmethod
     def of(cls, loras: LoraSet) -> DirectRule:
