@@ -238,17 +238,18 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
 @click.option("--min-agreement", type=float, default=0.0, show_default=True,
               help="Exit with code 1 when the overall decision agreement is below this fraction.")
 @click.option("--report", "report_dir", help="Folder to write report.json, schedule.png and agreement.png into.")
-@click.option("--subject", help="The subject LoRA the file was made from (feature-kl files need both sources).")
-@click.option("--style", help="The style LoRA the file was made from.")
+@click.option("--subject", "subjects", multiple=True,
+              help="A subject LoRA the file was made from (repeatable; feature-kl files need every source).")
+@click.option("--style", "styles", multiple=True, help="A style LoRA the file was made from (repeatable).")
 def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device, min_agreement, report_dir,
-           subject, style) -> None:
+           subjects, styles) -> None:
     """Run the online rule and the replay side by side on held-out prompts/seeds and report how they differ."""
     from lorasched.convert import verify_file
     from lorasched.merge.checks import parse_seeds
 
     result = verify_file(
         path, base, prompts, parse_seeds(seeds), steps, guidance, resolution, mode, device, report_dir,
-        sources=(subject, style) if subject or style else None,
+        sources=[(path, "subject") for path in subjects] + [(path, "style") for path in styles],
         bar=lambda total: tqdm(total=total, desc="verifying", unit="image", disable=None),
     )
     if result is None:  # a process of a launch other than the main one: the main one reports

@@ -13,13 +13,14 @@ from .calibration import distributed
 from .calibration.distributed import Group
 from .calibration.evaluate import EvalResult
 from .calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
+from .calibration.online import DIGITS
 from .calibration.probes import DEFAULT_EMBEDDER
 from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
 from .merge.checks import LoraSpec, check_report_dir, check_size, check_sources, check_steps, pick_device
 from .merge.errors import LoraschedError
-from .merge.lora import STYLE, SUBJECT
-from .merge.lora_io import read_pair, read_set, read_tensors
+from .merge.lora import STATIC, STYLE, SUBJECT
+from .merge.lora_io import read_set, read_tensors
 from .merge.schedule import Schedule, from_rule
 
 
@@ -126,12 +127,17 @@ def merge_loras(
     rules.validate(method, options)
     calibration.check()
     check_sources(loras, output)
-    pair_only = {f"--method {method}": method in rules.CALIBRATED, "--balance auto": balance is not None,
+    pair_only = {"--balance auto": balance is not None,
                  "--method est without --beta (its probe images)": method == "est" and options.beta is None}
     for what, needs_pair in pair_only.items():
         if needs_pair and [spec.role for spec in loras] != [SUBJECT, STYLE]:
             raise LoraschedError(f"{what}: works on one --subject and one --style; for more LoRAs use klora, est "
-                                 "with --beta, direct or a scheduled method")
+                                 "with --beta, direct, feature-kl or a scheduled method")
+    if method in rules.CALIBRATED and len(loras) > len(DIGITS):
+        raise LoraschedError(f"--method {method}: selects among at most {len(DIGITS)} LoRAs")
+    if method in rules.CALIBRATED and any(spec.role == STATIC for spec in loras):
+        raise LoraschedError(f"--method {method}: selects among subjects and styles; a static LoRA (--lora) would "
+                             "change the features it measures, so give it as --subject or --style")
     if balance is not None:
         balance.check(method, options, group)
     needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None) or balance is not None
@@ -204,7 +210,7 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
         guidance=calibration.guidance,
         height=size,
         width=size,
-        pair=(pair.subject.sha256, pair.style.sha256),
+        pair=tuple(source.lora.sha256 for source in pair.sources),
         base=_base_id(base),
         temperature=options.temperature,
         gamma_scale=options.gamma_scale,
@@ -221,8 +227,10 @@ def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, ou
         return None
     schedule = aggregate(log, pair, calibration.min_run)
     shares = [share for values in schedule.agreement.values() for share in values]
+    rule = FeatureKLRule.balanced(log.gamma, options.gamma_scale, tuple(s.role for s in pair.sources),
+                                  options.temperature)
     params = {
-        "gamma": log.gamma * options.gamma_scale,
+        **({"gamma": rule.gamma} if rule.balances is None else {"balances": list(rule.balances)}),
         "gamma_scale": options.gamma_scale,
         "temperature": options.temperature,
         "steps": steps,
@@ -302,9 +310,10 @@ def evaluate_files(paths, base: str, subject_images: str, style_images: str, pro
 
 
 def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: float, size: int | None,
-                mode: str, device: str, report_dir: str | None, sources: tuple[str, str] | None = None,
+                mode: str, device: str, report_dir: str | None, sources: list[tuple[str, str]] | None = None,
                 bar=None, group: Group | None = None) -> VerifyResult | None:
     """`lorasched verify`: check the arguments, load the base with its weights, verify, write the report folder.
+    `sources`: (path, role) of the LoRAs the file was made from, in its order (feature-kl files need them).
     Under a launcher the runs are shared among the processes; the main one gets the result (the others None)."""
     from .calibration.pipeline import default_size, load_pipeline
     from .calibration.prompts import read_prompts
@@ -319,17 +328,13 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
     if not prompts:
         raise LoraschedError(f"{path}: verify needs at least one held-out prompt (--prompts)")
     pair = None
-    if sources is not None:
-        if None in sources:
-            raise LoraschedError(f"{path}: give both --subject and --style, or neither")
-        pair = read_pair(base, *sources)
-        if scheduled.roles != (SUBJECT, STYLE):
-            raise LoraschedError(f"{path}: --subject and --style check a pair's file; this one has "
-                                 f"{len(scheduled.roles)} sources")
-        for lora, source in zip((pair.subject, pair.style), scheduled.sources):
-            role = source["role"]
-            if lora.sha256 != source["sha256"]:
-                raise LoraschedError(f"{lora.path}: is not the {role} LoRA this file was made from (sha256 differs)")
+    if sources:
+        specs = [LoraSpec(path, role) for path, role in sources]
+        pair = read_set(base, specs)
+        if [(s.lora.sha256, s.role) for s in pair.sources] != [(s["sha256"], s["role"]) for s in scheduled.sources]:
+            given = ", ".join(f"{spec.role} {spec.path}" for spec in specs)
+            made = ", ".join(f"{s['role']} {s['file']}" for s in scheduled.sources)
+            raise LoraschedError(f"{path}: was made from {made}, not from {given} (sha256 and role, in order)")
     group = group or distributed.current()
     pipe = load_pipeline(base, group.device or pick_device(device))
     size = size or default_size(pipe)

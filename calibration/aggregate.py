@@ -14,13 +14,11 @@ from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import LoraSet
 from lorasched.merge.schedule import AXIS_NOISE, Schedule, fixed_phases
 
-from .online import CODES
+from .online import CODES, DIGITS
 from .runner import Log
 
-SOURCE_OF = {code: selection for selection, code in CODES.items()}
-
-
-PREFERENCE = ("c", "s", "b")  # tie order among equally many votes (max keeps the first)
+SOURCE_OF = {code: selection for selection, code in CODES.items()} | {d: (i,) for i, d in enumerate(DIGITS)}
+PREFERENCE = ("c", "s", "b", *DIGITS)  # tie order among equally many votes (max keeps the first)
 
 
 def _level(call: dict) -> float:

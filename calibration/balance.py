@@ -156,7 +156,7 @@ def feature_kl_knob(pipe, pair: LoraSet, temperature: float) -> Knob:
                        settings.size, settings.size, settings.pair, settings.base, temperature)
         records = Runner(pipe, pair, run).run(FeatureKLRule(temperature=temperature), [settings.prompts[0]],
                                               settings.seeds[0])
-        return gamma_from_balance_run(records)
+        return gamma_from_balance_run(records, pair)
 
     return Knob(beta=None, fixed={"temperature": temperature}, pair_gamma=pair_gamma,
                 rule=lambda candidate, gamma: FeatureKLRule(gamma=gamma * candidate.gamma_scale,

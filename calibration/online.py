@@ -6,9 +6,10 @@ No PEFT, no schedule: this is the independent reference that replay is checked a
 calibration runs on.
 
 Rules come in two kinds. Weight-only rules (`choose(module, p)`) decide from the progress p alone, the same for
-every sample, among the subjects and styles (static LoRAs ride along in every layer they adapt). Feature rules (`FeatureKLRule`) decide per sample from the layer's own features; with classifier-
-free guidance the batch is [unconditional; conditional] and each prompt's decision is taken on its conditional
-half and applied to both halves, so one choice per prompt, layer and step is what gets recorded and replayed.
+every sample, among the subjects and styles (static LoRAs ride along in every layer they adapt). Feature rules
+(`FeatureKLRule`) decide per sample from the layer's own features; with classifier-free guidance the batch is
+[unconditional; conditional] and each prompt's decision is taken on its conditional half and applied to both
+halves, so one choice per prompt, layer and step is what gets recorded and replayed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lorasched.merge.rules.feature_kl import FeatureKLRule, divergences
 
 
 CODES = {(0,): "c", (1,): "s", (0, 1): "b"}  # a pair's selections as the calibration log writes them
+DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # several subjects or styles: the winning source's index
 
 
 def lora_output(module: torch.nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -79,14 +81,16 @@ class OnlineRule:
             for source in selection:
                 output = output + lora_output(module, x, *factors[source])  # one source at a time, in PEFT's order
             return output
-        subject, style = self.pair.selection(BOTH)
-        deltas = {SUBJECT: lora_output(module, x, *factors[subject]), STYLE: lora_output(module, x, *factors[style])}
         rows = output.shape[0]
         half = self.samples if self.samples and rows == 2 * self.samples else 0
         channel_dim = 1 if isinstance(module, torch.nn.Conv2d) else -1
-        d_c, d_s = divergences(
-            output[half:], deltas[SUBJECT][half:], deltas[STYLE][half:], channel_dim, self.rule.temperature
-        )
+        if not self.pair.is_pair:
+            return self._decide_among(name, output, half, channel_dim, {i: lora_output(module, x, *factors[i])
+                                                                        for i in factors})
+        subject, style = self.pair.selection(BOTH)
+        deltas = {SUBJECT: lora_output(module, x, *factors[subject]), STYLE: lora_output(module, x, *factors[style])}
+        d_c, d_s = divergences(output[half:], deltas[SUBJECT][half:], deltas[STYLE][half:], channel_dim=channel_dim,
+                               temperature=self.rule.temperature)
         if self.rule.gamma is None:
             subject = None
             output = output + deltas[SUBJECT]
@@ -101,6 +105,30 @@ class OnlineRule:
             self.call.choices[name] = codes
             self.call.scores[name] = list(zip(d_c.tolist(), d_s.tolist()))
         return output + added
+
+    def _decide_among(self, name: str, output: torch.Tensor, half: int, channel_dim: int,
+                      deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+        """feature-kl over several subjects or styles: per sample, the LoRA with the largest balanced divergence
+        (the balance run adds them all). Codes are source indices as digits; scores one D_k per source."""
+        values = divergences(output[half:], *(delta[half:] for delta in deltas.values()), channel_dim=channel_dim,
+                             temperature=self.rule.temperature)
+        found = dict(zip(deltas, values))
+        if not self.rule.calibrated:
+            winners = None
+            output = output + sum(deltas.values())
+        else:
+            winners = self.rule.winners(found)
+            rows = winners.repeat(2) if half else winners
+            for source, delta in deltas.items():
+                mask = (rows == source).view(-1, *([1] * (output.dim() - 1)))
+                output = output + torch.where(mask, delta, torch.zeros_like(delta))
+        if self.record:
+            count = len(values[0])
+            self.call.choices[name] = "b" * count if winners is None else "".join(DIGITS[i] for i in winners.tolist())
+            sources = range(len(self.pair.sources))
+            self.call.scores[name] = [[found[k][i].item() if k in found else None for k in sources]
+                                      for i in range(count)]
+        return output
 
     def _hook(self, name: str, module):
         fixed = self.pair.adapting(name)

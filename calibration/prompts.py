@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraFile, LoraSet
+from lorasched.merge.lora import STYLE, SUBJECT, LoraFile, LoraSet
 
 
 def read_prompts(given: tuple[str, ...]) -> list[str]:
@@ -44,13 +44,15 @@ def trigger_word(lora: LoraFile) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def trigger_prompts(pair: LoraSet) -> list[str]:
-    """One prompt joining the subject's and the style's trigger words; an error when neither file has any."""
-    subject, style = trigger_word(pair.subject), trigger_word(pair.style)
-    if subject is None and style is None:
+def trigger_prompts(loras: LoraSet) -> list[str]:
+    """One prompt joining the subjects' and the styles' trigger words; an error when no file has any."""
+    words = {role: [word for i in loras.indices(role) if (word := trigger_word(loras.sources[i].lora))]
+             for role in (SUBJECT, STYLE)}
+    if not words[SUBJECT] and not words[STYLE]:
         raise LoraschedError(
-            f"{pair.subject.path}: no calibration prompts given and neither LoRA's metadata has trigger words; "
+            f"{loras.sources[0].lora.path}: no calibration prompts given and no LoRA's metadata has trigger words; "
             "pass --prompts"
         )
+    subject, style = (" and ".join(words[role]) for role in (SUBJECT, STYLE))
     parts = [f"a photo of {subject}" if subject else "a photo", f"in the style of {style}" if style else ""]
     return [" ".join(part for part in parts if part)]

@@ -36,7 +36,7 @@ class Settings:
     guidance: float
     height: int
     width: int
-    pair: tuple[str, str]  # sha256 of the subject and style files
+    pair: tuple[str, ...]  # sha256 of the source files, in order (a pair: subject, style)
     base: str = ""  # the base pipeline (resolved folder or hub id)
     temperature: float = 1.0  # feature-kl's softmax temperature
     gamma_scale: float = 1.0  # feature-kl: the rule decides with the balance run's γ times this
@@ -51,7 +51,7 @@ class Log:
 
     settings: Settings
     layers: list[str]
-    gamma: float | None
+    gamma: float | list[float | None] | None  # a pair's γ, or each source's balance (see gamma_from_balance_run)
     runs: list[dict]
 
     def done(self) -> set[tuple[str, int]]:
@@ -138,10 +138,14 @@ def append_records(path: Path, records: list[dict]) -> None:
         os.fsync(handle.fileno())
 
 
-def gamma_from_balance_run(records: list[dict]) -> float:
-    """Feature rules: γ from the divergences of the balance run (both LoRAs applied, every layer and step)."""
+def gamma_from_balance_run(records: list[dict], pair: LoraSet) -> float | list[float | None]:
+    """Feature rules: from the divergences of the balance run (every LoRA applied, every layer and step), a pair's
+    γ, or with several subjects or styles each LoRA's own balance b_k (None for a LoRA no layer decides on)."""
     scores = [score for record in records for call in record["calls"] for score in call["scores"]]
-    return balance([c / s if s > 0 else float("inf") for c, s in scores])
+    if pair.is_pair:
+        return balance([c / s if s > 0 else float("inf") for c, s in scores])
+    return [balance([score[k] for score in scores if score[k] is not None])
+            if any(score[k] is not None for score in scores) else None for k in range(len(pair.sources))]
 
 
 def shard_path(path: Path, rank: int) -> Path:
@@ -169,8 +173,9 @@ def _open_log(pipe, pair: LoraSet, rule, settings: Settings, path: Path) -> Log:
             raise LoraschedError(f"{path}: calibration log was made with other settings; give a new --log path")
         return log
     gamma = None
-    if isinstance(rule, FeatureKLRule) and rule.gamma is None:
-        gamma = gamma_from_balance_run(Runner(pipe, pair, settings).run(rule, [settings.prompts[0]], settings.seeds[0]))
+    if isinstance(rule, FeatureKLRule) and not rule.calibrated:
+        gamma = gamma_from_balance_run(Runner(pipe, pair, settings).run(rule, [settings.prompts[0]], settings.seeds[0]),
+                                       pair)
     log = Log(settings=settings, layers=pair.decided, gamma=gamma, runs=[])
     path.write_text(json.dumps(_header(log), separators=(",", ":")) + "\n")
     return log
@@ -194,8 +199,8 @@ def calibrate(pipe, pair: LoraSet, rule, settings: Settings, path: Path, batch_s
     log = _together(group, lambda: _open_log(pipe, pair, rule, settings, path) if group.is_main else None)
     log = log or read_log(path)
     if isinstance(rule, FeatureKLRule):
-        gamma = None if log.gamma is None else log.gamma * settings.gamma_scale
-        rule = FeatureKLRule(gamma=gamma, temperature=rule.temperature)
+        rule = FeatureKLRule.balanced(log.gamma, settings.gamma_scale, tuple(s.role for s in pair.sources),
+                                      rule.temperature)
     done = log.done() | {(run["prompt"], run["seed"]) for shard in _shards(path) for run in _shard_runs(shard, settings)}
     if bar is not None:
         bar.update(len(done) * settings.steps)

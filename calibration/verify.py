@@ -163,7 +163,7 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
     if feature_rule and not set(layers) <= set(pair.decided):
         missing = len(set(layers) - set(pair.decided))
         raise LoraschedError(f"{path}: the file drops an unused LoRA's factors on {missing} layers; the online "
-                             "feature-kl rule needs both: give --subject and --style")
+                             "feature-kl rule needs them all: give every source with --subject and --style")
     statics = set(pair.indices(STATIC))
     riders = {layer: tuple(i for i in pair.adapting(layer) if i in statics) for layer in layers}
     generate = Generation(pipe, steps, guidance, size)

@@ -233,7 +233,7 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
 
 
 METHOD_PARAMS = {"klora": ("alpha", "beta"), "est": ("alpha", "beta"), "direct": (),
-                 "feature-kl": ("gamma", "temperature"), "np-lora": ("mu",), "switch": ("period", "steps"),
+                 "feature-kl": ("temperature",), "np-lora": ("mu",), "switch": ("period", "steps"),
                  "windows": ("subject_end", "style_start"), "blocks": ()}
 NESTED_PARAMS = {  # what inspect shows of them
     "calibration": ("prompts", "seeds", "guidance", "size", "mean_agreement", "log"),
@@ -282,6 +282,10 @@ class _Checker:
                 self.fail(KEY_PARAMS, f"needs a finite number {name!r} for {method} (has {params.get(name)!r})")
         if method in ("klora", "est"):
             self.gammas(params)
+        if method == "feature-kl" and not _finite(params.get("gamma")) and not (
+                isinstance(params.get("balances"), list) and params["balances"] and
+                all(b is None or (_finite(b) and b > 0) for b in params["balances"])):
+            self.fail(KEY_PARAMS, "needs a finite 'gamma' (a pair) or per-source 'balances' for feature-kl")
         if "steps" in params and not (isinstance(params["steps"], int) and params["steps"] >= 1):
             self.fail(KEY_PARAMS, f"has steps {params['steps']!r}, not a positive integer")
         if "gamma_scale" in params and not (_finite(params["gamma_scale"]) and params["gamma_scale"] > 0):

@@ -11,7 +11,8 @@ switch points. Two modes:
   graphs. `cross_attention_kwargs={"scale": s}` has no effect on fused layers.
 - `unfused`: the factors are split back into one adapter per source, loaded with the pipeline's own
   `load_lora_weights`; a switch sets which adapters are active in that layer (one LoRA path per active source,
-  not all of them with zero scales). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a compiled denoiser.
+  not all of them with zero scales). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a
+  compiled denoiser.
 
 Import-light on purpose: torch, safetensors, json (through fileformat) and the objects it is handed.
 """

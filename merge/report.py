@@ -49,7 +49,7 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
     calibration = params.pop("calibration", None)
     probe = params.pop("beta_source", None)
     search = params.pop("balance", None)
-    gammas, norms = params.pop("gammas", None), params.pop("norms", None)
+    gammas, norms, balances = params.pop("gammas", None), params.pop("norms", None), params.pop("balances", None)
     labels = source_labels(scheduled.roles)
     setting = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     switching = sum(1 for phases in schedule.layers.values() if len(phases) > 1)
@@ -73,6 +73,9 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
         lines.append("pairings    γ " + ", ".join(f"{labels[i]}·{labels[j]} {gamma:.4g}" for i, j, gamma in gammas)
                      + "; mean scores " + ", ".join(f"{labels[i]} {norm:.4g}" for i, norm in enumerate(norms)
                                                    if scheduled.roles[i] != "static"))
+    if balances:
+        lines.append("balances    b " + ", ".join(f"{labels[i]} {b:.4g}" for i, b in enumerate(balances)
+                                                 if b is not None))
     for label, source in zip(labels, scheduled.sources):
         strength = source.get("strength", 1.0)
         lines.append(f"{label:<11} {source['file']}  sha256 {source['sha256'][:12]}  {source['dtype']}"

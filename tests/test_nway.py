@@ -224,8 +224,10 @@ def test_bad_sets_are_refused_in_one_line_without_output(tiny_base, more_loras, 
         "at least two": ("--subject", subject),
         "no style": ("--subject", subject, "--lora", style),
         str(sdxl_lora.name): ("--subject", subject, "--style", sdxl_lora),
-        "--method feature-kl: works on one": ("--subject", subject, "--subject", more_loras["subject2"], "--style",
-                                              style, "--method", "feature-kl"),
+        "--balance auto: works on one": ("--subject", subject, "--subject", more_loras["subject2"], "--style",
+                                         style, "--balance", "auto"),
+        "a static LoRA (--lora) would": ("--subject", subject, "--style", style, "--lora", more_loras["detail"],
+                                         "--method", "feature-kl"),
         "--period: only --method switch": ("--subject", subject, "--style", style, "--period", 2),
     }
     for expected, args in cases.items():
@@ -239,3 +241,35 @@ def test_verify_rebuilds_the_nway_rule_from_the_file_alone(nway, pipe64):
     path, _ = nway
     result = verify(pipe64, path, ["a photo of sks dog"], [3], 8, 7.5, 32)
     assert result.agreement == 1.0 and result.latent_max_abs_diff < 1e-4
+
+
+def test_feature_kl_takes_the_lora_with_the_largest_balanced_divergence(tiny_base, more_loras, tmp_path):
+    """Two subjects and two styles: each recorded decision is the argmax of D_k / b_k over the LoRAs of that
+    layer (ties to the later), b_k from the balance run; the consensus replays, and verify on the calibration's
+    own prompt and seed finds every decision."""
+    from lorasched.calibration.aggregate import SOURCE_OF
+    from lorasched.calibration.runner import read_log
+
+    out = tmp_path / "fkl.safetensors"
+    merged = run("merge", "--base", tiny_base, "--subject", more_loras["subject"], "--subject", more_loras["subject2"],
+                 "--style", more_loras["style"], "--style", more_loras["style2"], "--method", "feature-kl",
+                 "--prompts", "a photo of sks dog", "--seeds", "0", "--steps", 6, "--resolution", 32, "-o", out)
+    assert merged.exit_code == 0, merged.output
+    scheduled = fileformat.read(out)
+    balances = scheduled.params["balances"]
+    assert len(balances) == 4 and all(b > 0 for b in balances) and "gamma" not in scheduled.params
+    log = read_log(tmp_path / "fkl.safetensors.calibration.jsonl")
+    seen = set()
+    for call in log.runs[0]["calls"]:
+        for code, scores in zip(call["choices"], call["scores"]):
+            balanced = [(d / balances[k], k) for k, d in enumerate(scores) if d is not None]
+            best = max(value for value, _ in balanced)
+            assert SOURCE_OF[code] == (max(k for value, k in balanced if value == best),)
+            seen.add(code)
+    assert len(seen) >= 3, "several LoRAs win somewhere, so the rule is exercised"
+    sources = ("--subject", more_loras["subject"], "--subject", more_loras["subject2"], "--style",
+               more_loras["style"], "--style", more_loras["style2"])
+    checked = run("verify", out, "--base", tiny_base, "--prompts", "a photo of sks dog", "--seeds", "0",
+                  "--steps", 6, "--resolution", 32, "--guidance", 7.5, *sources)
+    assert checked.exit_code == 0, checked.output
+    assert "agreement 100.0" in checked.stdout or "100.00%" in checked.stdout, checked.stdout

@@ -12,9 +12,9 @@ from .ramp import Ramp
 from .switch import SwitchRule
 
 METHODS = ("klora", "est", "direct", "feature-kl", "np-lora", "switch", "windows", "blocks")
-CALIBRATED = ("feature-kl",)
+CALIBRATED = ("feature-kl",)  # input-dependent: scheduled from calibration runs, not from weights
 SCHEDULED = ("np-lora", "switch", "windows", "blocks")  # defined by the method's own parameters, no scores
-SWITCHED = ("klora", "est")  # a SwitchRule: scores, γs and a ramp  # input-dependent: scheduled from calibration runs, not from weights
+SWITCHED = ("klora", "est")  # a SwitchRule: scores, γs and a ramp
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,9 @@ def from_file(scheduled):
     per-layer scores: what `verify` runs online next to the replay, without the original LoRA files."""
     method, params, roles = scheduled.method, scheduled.params, scheduled.roles
     if method in CALIBRATED:
-        return feature_kl.FeatureKLRule(gamma=params["gamma"], temperature=params["temperature"])
+        balances = tuple(params["balances"]) if "balances" in params else None
+        return feature_kl.FeatureKLRule(gamma=params.get("gamma"), temperature=params["temperature"],
+                                        balances=balances)
     carried = {name: tuple(i for i, rank in enumerate(record["ranks"]) if rank and roles[i] != STATIC)
                for name, record in scheduled.modules.items() if not name.startswith("text_encoder")}
     if method == "switch":

@@ -7,6 +7,10 @@ KL(P_{h0+d_k} ‖ P_{h0}): how far that LoRA pulls this layer's features, for th
 The layer takes the LoRA that pulls further after balancing: subject iff D_c > γ · D_s (ties go to style, as in
 K-LoRA). γ is the geometric mean of D_c / D_s over a balance run (both LoRAs applied, every layer and step), so
 a LoRA that is simply larger does not win everywhere. Time enters through the features of each step only.
+
+With several subjects or styles, the layer takes the LoRA with the largest balanced divergence D_k / b_k, b_k the
+geometric mean of LoRA k's own divergences over the balance run (all LoRAs applied); the subjects' b_k carry the
+γ scale. For a pair that is the rule above: γ = b_c / b_s. Ties go to the later LoRA (the style, for a pair).
 """
 
 from __future__ import annotations
@@ -26,33 +30,56 @@ def token_channels(h: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return h.reshape(h.shape[0], -1, h.shape[-1]).float()
 
 
-def divergences(
-    h0: torch.Tensor, d_c: torch.Tensor, d_s: torch.Tensor, channel_dim: int = -1, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D_c, D_s), one value per batch sample."""
-    h0, d_c, d_s = (token_channels(h, channel_dim) for h in (h0, d_c, d_s))
+def divergences(h0: torch.Tensor, *deltas: torch.Tensor, channel_dim: int = -1,
+                temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """D_k of each LoRA output d_k, one value per batch sample."""
+    h0 = token_channels(h0, channel_dim)
     scale = temperature * h0.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
     log_base = torch.log_softmax(h0 / scale, -1)
 
     def kl_from_base(delta: torch.Tensor) -> torch.Tensor:
-        log_lora = torch.log_softmax((h0 + delta) / scale, -1)
+        log_lora = torch.log_softmax((h0 + token_channels(delta, channel_dim)) / scale, -1)
         return (log_lora.exp() * (log_lora - log_base)).sum(-1).mean(-1)
 
-    return kl_from_base(d_c), kl_from_base(d_s)
+    return tuple(kl_from_base(delta) for delta in deltas)
 
 
 def balance(ratios: list[float]) -> float:
-    """γ: the geometric mean of the finite, positive D_c / D_s of the balance run (1 when there are none)."""
+    """γ (or a LoRA's b_k): the geometric mean of the finite, positive values of the balance run (1 when there are
+    none)."""
     logs = [math.log(r) for r in ratios if math.isfinite(r) and r > 0]
     return math.exp(sum(logs) / len(logs)) if logs else 1.0
 
 
 @dataclass(frozen=True)
 class FeatureKLRule:
-    """The decision given the divergences; `gamma` None means the balance run (both LoRAs, decisions recorded)."""
+    """The decision given the divergences: a pair's `gamma`, or each source's balance `balances` (several subjects
+    or styles; None for a source the rule does not select); neither means the balance run (every LoRA applied,
+    divergences recorded)."""
 
     gamma: float | None = None
     temperature: float = DEFAULT_TEMPERATURE
+    balances: tuple[float | None, ...] | None = None
+
+    @classmethod
+    def balanced(cls, measured: float | list[float | None] | None, gamma_scale: float, roles: tuple[str, ...],
+                 temperature: float) -> FeatureKLRule:
+        """The rule a calibration decides with, from its balance run's γ (a pair) or per-source b_k, scaled."""
+        if measured is None or not isinstance(measured, list):
+            return cls(gamma=None if measured is None else measured * gamma_scale, temperature=temperature)
+        return cls(temperature=temperature, balances=tuple(
+            None if b is None else b * gamma_scale if role == "subject" else b for b, role in zip(measured, roles)))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.gamma is not None or self.balances is not None
 
     def subject_mask(self, d_c: torch.Tensor, d_s: torch.Tensor) -> torch.Tensor:
         return d_c > self.gamma * d_s
+
+    def winners(self, divergences: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per sample, the source with the largest D_k / b_k (ties to the later source)."""
+        sources = sorted(divergences)
+        balanced = torch.stack([divergences[k] / self.balances[k] for k in sources])
+        flipped = balanced.flip(0).argmax(0)  # argmax keeps the first maximum: flipped, that is the later source
+        return torch.tensor(sources, device=flipped.device)[len(sources) - 1 - flipped]
