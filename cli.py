@@ -58,7 +58,7 @@ def main() -> None:
 @click.option("--mu", type=float, help="np-lora: projection strength μ ≥ 0 (default 0.5).")
 @click.option("--directions", type=int, help="np-lora: style singular directions k projected out (default: all).")
 @click.option("--period", type=int, help="switch: steps each LoRA stays active before the next takes over "
-                                         "(default 1), at --steps.")
+                                         "(default 5), at --steps.")
 @click.option("--windows", help="windows: `a,b`: subjects active on [0, a), styles on [b, 1) of denoising progress "
                                 "(default 0.7,0.3).")
 @click.option("--blocks", "blocks", help="blocks: `subject=<glob>,style=<glob>` module globs (default: the "

@@ -1,4 +1,4 @@
-"""The one-shot jobs, the top floor above `merge` and `calibration`: two LoRA files and a base -> one scheduled
+"""The one-shot jobs, the top floor above `merge` and `calibration`: LoRA files and a base -> one scheduled
 LoRA file (`merge`), and a written file checked against its online rule (`verify_file`). The CLI is a thin shell
 around them."""
 
@@ -19,7 +19,7 @@ from .calibration.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
 from .merge.checks import LoraSpec, check_report_dir, check_size, check_sources, check_steps, pick_device
 from .merge.errors import LoraschedError
-from .merge.lora import STATIC, STYLE, SUBJECT
+from .merge.lora import ROLES, STATIC, STYLE, SUBJECT
 from .merge.lora_io import read_set, read_tensors
 from .merge.schedule import Schedule, from_rule
 
@@ -123,6 +123,7 @@ def merge_loras(
     (calibration/balance.py; `search_bar(total)` makes its progress bar, per image), then merge with the best.
     """
     group = group or distributed.current()
+    loras = sorted(loras, key=lambda spec: ROLES.index(spec.role))  # subjects, styles, static: as given within each
     check_steps(steps)
     rules.validate(method, options)
     calibration.check()
@@ -188,6 +189,9 @@ def merge_loras(
             params["beta_source"] = probe
         params["steps"] = steps
         schedule = from_rule(rule, pair)
+        if not any(pair.is_denoiser(name) for name in schedule.layers):
+            raise LoraschedError(f"{output}: --method {method} leaves every denoiser layer without a LoRA for the "
+                                 "whole run; nothing to write")
         scores, decided = getattr(rule, "scores", {}), len(rule.layers)
     export.export(output, pair, schedule, method=method, params=params, scores=scores, dtype=dtype,
                   tensor_format=tensor_format)
@@ -330,11 +334,13 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
     pair = None
     if sources:
         specs = [LoraSpec(path, role) for path, role in sources]
+        given = ", ".join(f"{spec.role} {spec.path}" for spec in specs)
+        made = ", ".join(f"{s['role']} {s['file']}" for s in scheduled.sources)
+        if [spec.role for spec in specs] != list(scheduled.roles):
+            raise LoraschedError(f"{path}: was made from {made}; give those with --subject and --style, not {given}")
         pair = read_set(base, specs)
-        if [(s.lora.sha256, s.role) for s in pair.sources] != [(s["sha256"], s["role"]) for s in scheduled.sources]:
-            given = ", ".join(f"{spec.role} {spec.path}" for spec in specs)
-            made = ", ".join(f"{s['role']} {s['file']}" for s in scheduled.sources)
-            raise LoraschedError(f"{path}: was made from {made}, not from {given} (sha256 and role, in order)")
+        if [s.lora.sha256 for s in pair.sources] != [s["sha256"] for s in scheduled.sources]:
+            raise LoraschedError(f"{path}: was made from {made}, not from {given} (sha256 differs)")
     group = group or distributed.current()
     pipe = load_pipeline(base, group.device or pick_device(device))
     size = size or default_size(pipe)

@@ -28,6 +28,8 @@ def parse_lora(text: str, role: str | None = None, option: str = "--lora") -> Lo
     path."""
     given = text
     prefix, sep, rest = text.partition("=")
+    if sep and prefix.isalpha() and prefix not in ROLES and not Path(text).exists():
+        raise LoraschedError(f"{option} {given}: unknown role {prefix!r} (choose from {', '.join(ROLES)})")
     if sep and prefix in ROLES:
         if role is not None:
             raise LoraschedError(f"{option} {given}: the role is given twice (by the option and by {prefix}=)")
@@ -43,8 +45,8 @@ def parse_lora(text: str, role: str | None = None, option: str = "--lora") -> Lo
             pass
         else:
             text = head
-            if not math.isfinite(strength):
-                raise LoraschedError(f"{option} {given}: strength {tail} must be a finite number")
+            if not math.isfinite(strength) or strength == 0:
+                raise LoraschedError(f"{option} {given}: strength {tail} must be a finite, non-zero number")
     return LoraSpec(text, role or STATIC, strength)
 
 

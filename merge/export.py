@@ -90,7 +90,7 @@ def plan_tensors(
     dtype = dtype or export_dtype(loras)
     specs: list[fileformat.TensorSpec] = []
     records: dict[str, dict] = {}
-    for name in loras.module_names:
+    for name in sorted(schedule.layers):  # a layer no LoRA is ever active in is not in the schedule
         weights = schedule.static_weights(name, len(loras.sources))
         parts, ranks = [], []
         for source, weight in zip(loras.sources, weights):

@@ -207,7 +207,7 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
         path=os.fspath(path),
         metadata=metadata,
         method=method,
-        params=check.params(method),
+        params=check.params(method, tuple(source["role"] for source in sources)),
         sources=sources,
         modules=check.modules(len(sources)),
         schedule=check.schedule(len(sources)),
@@ -248,6 +248,10 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class _Checker:
     """The schema, checked key by key; the first problem raises with the key it is in."""
 
@@ -275,17 +279,19 @@ class _Checker:
             self.fail(KEY_METHOD, f"is {method!r}, not one of {', '.join(METHOD_PARAMS)}")
         return method
 
-    def params(self, method: str) -> dict:
+    def params(self, method: str, roles: tuple[str, ...]) -> dict:
         params = self.json(KEY_PARAMS, dict)
         for name in METHOD_PARAMS[method]:
             if not _finite(params.get(name)):
                 self.fail(KEY_PARAMS, f"needs a finite number {name!r} for {method} (has {params.get(name)!r})")
         if method in ("klora", "est"):
-            self.gammas(params)
+            self.gammas(params, roles)
         if method == "feature-kl" and not _finite(params.get("gamma")) and not (
-                isinstance(params.get("balances"), list) and params["balances"] and
+                isinstance(params.get("balances"), list) and len(params["balances"]) == len(roles) and
                 all(b is None or (_finite(b) and b > 0) for b in params["balances"])):
-            self.fail(KEY_PARAMS, "needs a finite 'gamma' (a pair) or per-source 'balances' for feature-kl")
+            self.fail(KEY_PARAMS, "needs a finite 'gamma' (a pair) or one positive 'balances' entry per source for "
+                                  "feature-kl")
+        self.method_params(method, params, roles)
         if "steps" in params and not (isinstance(params["steps"], int) and params["steps"] >= 1):
             self.fail(KEY_PARAMS, f"has steps {params['steps']!r}, not a positive integer")
         if "gamma_scale" in params and not (_finite(params["gamma_scale"]) and params["gamma_scale"] > 0):
@@ -316,18 +322,33 @@ class _Checker:
         if not (isinstance(chosen, dict) and (chosen.get("beta"), chosen.get("gamma_scale")) in knobs):
             self.fail(KEY_PARAMS, f"has balance chosen {chosen!r}, which is none of its candidates")
 
-    def gammas(self, params: dict) -> None:
-        """A switch's balance: one finite `gamma` (a pair), or per subject/style pairing `gammas` and per LoRA
-        `norms`."""
+    def gammas(self, params: dict, roles: tuple[str, ...]) -> None:
+        """A switch's balance: one finite `gamma` (a pair), or a `gammas` entry for every subject/style pairing and
+        per source `norms`."""
         if "gammas" not in params:
             if not _finite(params.get("gamma")):
                 self.fail(KEY_PARAMS, f"needs a finite number 'gamma' (has {params.get('gamma')!r})")
             return
         gammas, norms = params["gammas"], params.get("norms")
-        if not (isinstance(gammas, list) and gammas and all(
-                isinstance(g, list) and len(g) == 3 and all(isinstance(i, int) for i in g[:2]) and _finite(g[2])
-                for g in gammas) and isinstance(norms, list) and all(_finite(n) for n in norms)):
-            self.fail(KEY_PARAMS, "has gammas that are not [[subject, style, γ], …] with finite norms")
+        pairings = {(i, j) for i, a in enumerate(roles) for j, b in enumerate(roles) if (a, b) == ("subject", "style")}
+        if not (isinstance(gammas, list) and all(isinstance(g, list) and len(g) == 3 and _finite(g[2]) for g in gammas)
+                and {tuple(g[:2]) for g in gammas} == pairings and len(gammas) == len(pairings)
+                and isinstance(norms, list) and len(norms) == len(roles) and all(_finite(n) for n in norms)):
+            self.fail(KEY_PARAMS, "has gammas that are not one [subject, style, γ] per pairing of its sources, with "
+                                  "one finite norm per source")
+
+    def method_params(self, method: str, params: dict, roles: tuple[str, ...]) -> None:
+        """The scheduled methods' own parameters, as their rules read them back."""
+        if method == "switch":
+            order, switched = params.get("order"), [i for i, role in enumerate(roles) if role != "static"]
+            if not (isinstance(order, list) and sorted(order) == switched and _count(params["period"])):
+                self.fail(KEY_PARAMS, f"has switch order {order!r} and period {params['period']!r}, not every "
+                                      "subject and style once and a positive whole number of steps")
+        if method == "windows" and not all(0 <= params[key] <= 1 for key in ("subject_end", "style_start")):
+            self.fail(KEY_PARAMS, "has windows outside [0, 1]")
+        if method == "np-lora" and not (params["mu"] >= 0 and (params.get("directions") is None or
+                                                               _count(params["directions"]))):
+            self.fail(KEY_PARAMS, f"has mu {params['mu']!r} or directions {params.get('directions')!r} out of range")
 
     def sources(self) -> list[dict]:
         """The sources in file order; format 1's {subject, style} object becomes that list."""
@@ -345,9 +366,11 @@ class _Checker:
                     not isinstance(info.get("sha256"), str) or info.get("role") not in ROLES:
                 self.fail(KEY_SOURCES, f"has source {index} without a file name, sha256 and role "
                                        f"({', '.join(ROLES)})")
+            if not _finite(info.get("strength", 1.0)):
+                self.fail(KEY_SOURCES, f"has source {index} with strength {info['strength']!r}, not a finite number")
             files.add(info["sha256"])
         roles = [info["role"] for info in sources]
-        if "subject" not in roles or "style" not in roles or len(files) < len(sources):
+        if "subject" not in roles or "style" not in roles or (len(files) < len(sources) and not self.named):
             self.fail(KEY_SOURCES, "needs at least one subject and one style, each file once")
         return sources
 

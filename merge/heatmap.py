@@ -17,7 +17,7 @@ from .fileformat import ScheduledFile
 from .report import selection_label, source_labels
 from .schedule import AXIS_PROGRESS, Schedule
 
-PAIR_COLORS = {"subject": "#e68c28", "style": "#3c6ec8", "both": "#9a5aaa"}  # a pair's: orange, blue, purple
+NAMED_COLORS = {"subject": "#e68c28", "style": "#3c6ec8", "both": "#9a5aaa", "none": "#dddddd"}  # a pair's, and no LoRA
 ROWS_PER_PANEL = 160
 ROW_INCHES = 0.12
 
@@ -120,13 +120,11 @@ def draw_schedule(scheduled: ScheduledFile, layers: list[str], steps: int, path)
     labels = source_labels(scheduled.roles)
     shown = sorted({selection for row in cells.values() for selection in row}, key=lambda s: (len(s), s))
     names = [selection_label(selection, labels) for selection in shown]
-    if set(names) <= set(PAIR_COLORS):
-        colors = [PAIR_COLORS[name] for name in names]
-    else:
-        import matplotlib
+    import matplotlib
 
-        palette = matplotlib.colormaps["tab10"]
-        colors = [palette(i % 10) for i in range(len(names))]
+    palette = matplotlib.colormaps["tab20"]
+    unnamed = iter(range(len(names)))
+    colors = [NAMED_COLORS.get(name) or palette(next(unnamed) % 20) for name in names]
     colormap = ListedColormap(colors)
     codes_of = {selection: code for code, selection in enumerate(shown)}
 

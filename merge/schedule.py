@@ -132,11 +132,12 @@ def with_riders(phases, riders: Selection) -> tuple[Phase, ...]:
 
 def from_rule(rule, loras: LoraSet) -> Schedule:
     """Closed-form schedule of a weight-only rule over every module any LoRA adapts; the rule decides its `layers`
-    among the subjects and styles there, the static LoRAs ride along."""
+    among the subjects and styles there, the static LoRAs ride along. A layer no LoRA is ever active in (switch,
+    windows) is left out: the file does not touch it."""
     decided = set(rule.layers)
     statics = set(loras.indices(STATIC))
     layers = {
         name: with_riders(rule.phases(name), tuple(i for i in loras.adapting(name) if i in statics))
         if name in decided else fixed_phases(name, loras) for name in loras.module_names
     }
-    return Schedule(layers=layers)
+    return Schedule(layers={name: phases for name, phases in layers.items() if any(s for _, s in phases)})

@@ -164,6 +164,22 @@ def test_each_method_inspects_and_replays_as_its_direct_per_step_application(sd_
             assert (replayed - online).abs().max().item() < 1e-4, (steps, mode)
 
 
+def test_a_layer_no_lora_is_ever_active_in_is_left_out(tiny_base, kohya_pair, pipe64, tmp_path):
+    """windows 0.7,1: the style never opens, so the layers only the style adapts (ff.net.2) carry nothing; the file
+    leaves them out, and the rest replays as the per-step application."""
+    out = tmp_path / "subject-only.safetensors"
+    assert run("merge", "--base", tiny_base, "--subject", kohya_pair[0], "--style", kohya_pair[1], "--method",
+               "windows", "--windows", "0.7,1", "--steps", 10, "-o", out).exit_code == 0
+    layers = fileformat.read(out).schedule.layers
+    assert layers and not any(name.endswith("ff.net.2") and name.startswith("unet.") for name in layers)
+    loras = read_set(str(tiny_base), [LoraSpec(str(kohya_pair[0]), SUBJECT), LoraSpec(str(kohya_pair[1]), STYLE)])
+    with OnlineRule(pipe64, loras, windows.WindowsRule.of(loras, 0.7, 1.0)):
+        online = generate_sd(pipe64, 10)
+    with attach(pipe64, out):
+        replayed = generate_sd(pipe64, 10)
+    assert (replayed - online).abs().max().item() < 1e-4
+
+
 def test_np_lora_file_loads_as_the_formula_in_a_plain_loader(sd_files, tiny_base, kohya_pair):
     from diffusers import StableDiffusionPipeline
 
@@ -193,14 +209,16 @@ def test_each_method_replays_on_flux(method, tmp_path):
     result = run("merge", "--base", tmp_path / "base", "--subject", paths[0], "--style", paths[1], "--method", method,
                  *options, "--steps", 10, "-o", out)
     assert result.exit_code == 0, result.output
+    assert f"method      {method}" in run("inspect", out).output
     loras = read_set(str(tmp_path / "base"), [LoraSpec(str(paths[0]), SUBJECT), LoraSpec(str(paths[1]), STYLE)])
     applied, rule = reference(method, loras, options)
     pipe = pipe.to(torch.float64)
     pipe.set_progress_bar_config(disable=True)
-    with OnlineRule(pipe, applied, rule):
-        online = generate(pipe, 6)
-    for mode in MODES:
-        with attach(pipe, out, mode=mode):
-            replayed = generate(pipe, 6)
-        assert (replayed - online).abs().max().item() < 1e-4, mode
-    assert (online - generate(pipe, 6)).abs().max().item() > 1e-4
+    for steps in (6, 10):
+        with OnlineRule(pipe, applied, rule):
+            online = generate(pipe, steps)
+        for mode in MODES:
+            with attach(pipe, out, mode=mode):
+                replayed = generate(pipe, steps)
+            assert (replayed - online).abs().max().item() < 1e-4, (steps, mode)
+        assert (online - generate(pipe, steps)).abs().max().item() > 1e-4

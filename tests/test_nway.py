@@ -194,6 +194,35 @@ def test_a_format_1_file_still_reads_inspects_and_replays_as_before(tiny_base, k
         assert (replayed_old - online).abs().max().item() < 1e-4
 
 
+def test_roles_given_in_any_order_make_the_same_pair(tiny_base, kohya_pair, tmp_path):
+    """`--style s --lora subject=c` is the pair (subject, style): sorted by role, one γ, as `--subject c --style s`."""
+    ordered, shuffled = tmp_path / "ordered.safetensors", tmp_path / "shuffled.safetensors"
+    assert run("merge", "--base", tiny_base, "--subject", kohya_pair[0], "--style", kohya_pair[1], "--steps", 10,
+               "-o", ordered).exit_code == 0
+    assert run("merge", "--base", tiny_base, "--style", kohya_pair[1], "--lora", f"subject={kohya_pair[0]}",
+               "--steps", 10, "-o", shuffled).exit_code == 0
+    first, second = fileformat.read(ordered), fileformat.read(shuffled)
+    assert second.roles == (SUBJECT, STYLE) and "gamma" in second.params
+    assert (first.params, first.schedule, first.sources) == (second.params, second.schedule, second.sources)
+    assert first.metadata[fileformat.KEY_TENSOR_HASH] == second.metadata[fileformat.KEY_TENSOR_HASH]
+
+
+def test_a_format_1_file_may_name_one_file_as_both_sources(tmp_path):
+    """Format 1 never refused the same LoRA as subject and style; such files still read."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(FORMAT_1), "pt") as handle:
+        metadata = dict(handle.metadata())
+    sources = json.loads(metadata["lorasched.sources"])
+    sources["style"]["sha256"] = sources["subject"]["sha256"]
+    path = tmp_path / "twice.safetensors"
+    save_file(load_file(str(FORMAT_1)), path, metadata={**metadata, "lorasched.sources": json.dumps(sources)})
+    assert fileformat.read(path).sources[0]["sha256"] == fileformat.read(path).sources[1]["sha256"]
+
+
 @pytest.fixture(scope="module")
 def sdxl_lora(tmp_path_factory) -> Path:
     """A LoRA for another base (tiny SDXL): it cannot be read onto the tiny SD base."""
@@ -229,6 +258,14 @@ def test_bad_sets_are_refused_in_one_line_without_output(tiny_base, more_loras, 
         "a static LoRA (--lora) would": ("--subject", subject, "--style", style, "--lora", more_loras["detail"],
                                          "--method", "feature-kl"),
         "--period: only --method switch": ("--subject", subject, "--style", style, "--period", 2),
+        "unknown role 'lighting'": ("--subject", subject, "--style", style, "--lora", "lighting=x.safetensors"),
+        "must be a finite, non-zero number": ("--subject", f"{subject}:0", "--style", style),
+        "style.safetensors without one": ("--subject", subject, "--style", style, "--method", "switch",
+                                          "--period", 30, "--steps", 30),
+        "every denoiser layer without a LoRA": ("--subject", subject, "--style", style, "--method", "windows",
+                                             "--windows", "0,1"),
+        "matches no layer": ("--subject", subject, "--style", style, "--method", "blocks", "--blocks",
+                             "subject=unet.nothing.*"),
     }
     for expected, args in cases.items():
         line = _refused(run("merge", "--base", tiny_base, *args, "-o", out), out)

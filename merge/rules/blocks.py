@@ -47,11 +47,16 @@ def block_globs(loras: LoraSet, text: str | None) -> dict[str, tuple[str, ...]]:
 
 def select(loras: LoraSet, globs: dict[str, tuple[str, ...]]) -> DirectRule:
     """Each decided layer's static selection: the role whose globs match its name, or both roles."""
-    active = {}
+    active, matched = {}, set()
     for name in loras.decided:
         roles = [role for role, patterns in globs.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
         if len(roles) > 1:
             raise LoraschedError(f"--blocks: {name} matches both the subject and the style globs")
         keep = set(roles) or {SUBJECT, STYLE}
         active[name] = tuple(i for i in loras.switched(name) if loras.sources[i].role in keep)
+        matched.update(roles)
+    for role, patterns in globs.items():
+        if patterns and role not in matched:
+            raise LoraschedError(f"--blocks: {role}={','.join(patterns)} matches no layer a subject and a style both "
+                                 f"adapt (names look like {loras.decided[0]})")
     return DirectRule(active)

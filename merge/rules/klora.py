@@ -217,5 +217,5 @@ def build(
     else:
         def gamma(values):
             return trimmed_mean_gamma([ratio(c, s) for c, s in values])
-    norms = None if loras.is_pair else means(scores, len(roles))
+    norms = None if loras.is_pair else means(l1, len(roles))
     return SwitchRule(scores=scores, gammas=pairing_gammas(l1, roles, gamma), ramp=ramp, roles=roles, norms=norms)

@@ -10,7 +10,9 @@ starting with the character LoRA best and starting with the style worst).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..errors import LoraschedError
 from ..lora import STYLE, SUBJECT, LoraSet, Selection
 
 DEFAULT_PERIOD = 5  # the paper's τ
@@ -26,6 +28,11 @@ class LoraSwitchRule:
     @classmethod
     def of(cls, loras: LoraSet, period: int, steps: int) -> LoraSwitchRule:
         order = loras.indices(SUBJECT) + loras.indices(STYLE)
+        turns = -(-steps // period)
+        if turns < len(order):
+            left = ", ".join(Path(loras.sources[i].lora.path).name for i in order[turns:])
+            raise LoraschedError(f"--period {period}: {turns} turn(s) in {steps} steps leave {left} without one; "
+                                 "give a shorter --period or more --steps")
         return cls(order, period, steps, {name: loras.switched(name) for name in loras.denoiser_modules})
 
     @property

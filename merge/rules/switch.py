@@ -1,8 +1,8 @@
 """The switch shared by K-LoRA and EST-LoRA: subject iff score_c / γ > score_s · S(p), else style.
 
 With several subjects or styles (see docs/methods.md), each layer first takes the subject, and the style, with the
-largest score relative to that LoRA's own mean score over the decided layers; the two winners then meet in the
-switch with the γ of their own pairing. With one subject and one style that is exactly the two-LoRA rule.
+largest score relative to that LoRA's own mass (its mean L1 for K-LoRA, mean energy for EST, over the decided
+layers it adapts); the two winners then meet in the switch with the γ of their own pairing. With one subject and one style that is exactly the two-LoRA rule.
 A rule of this family is fully described by per-module scores, the γs and a ramp; its decision depends only on
 weights and progress, so each layer's schedule follows in closed form (see `phases`).
 """
@@ -43,12 +43,12 @@ def pairing_gammas(values: dict[str, tuple[float | None, ...]], roles: tuple[str
     return gammas
 
 
-def means(scores: dict[str, tuple[float | None, ...]], sources: int) -> tuple[float, ...]:
-    """Each source's mean score over the decided layers it adapts: the yardstick subjects (and styles) are
-    compared by among themselves."""
+def means(values: dict[str, tuple[float | None, ...]], sources: int) -> tuple[float, ...]:
+    """Each source's mean value (L1 or energy) over the decided layers it adapts: the yardstick subjects (and
+    styles) are compared by among themselves."""
     totals, counts = [0.0] * sources, [0] * sources
-    for values in scores.values():
-        for i, value in enumerate(values):
+    for layer in values.values():
+        for i, value in enumerate(layer):
             if value is not None:
                 totals[i] += value
                 counts[i] += 1
@@ -58,7 +58,8 @@ def means(scores: dict[str, tuple[float | None, ...]], sources: int) -> tuple[fl
 @dataclass(frozen=True)
 class SwitchRule:
     """Scores per module and source (None where a source does not adapt it), each subject/style pairing's own γ
-    times `gamma_scale`, and the ramp S(p). `roles` and `norms` matter only with several subjects or styles."""
+    (times `gamma_scale`), and the ramp S(p). `roles` and `norms` (each source's mass, see `means`) matter only
+    with several subjects or styles."""
 
     scores: dict[str, tuple[float | None, ...]]
     gammas: dict[tuple[int, int], float]
