@@ -310,3 +310,24 @@ def test_feature_kl_takes_the_lora_with_the_largest_balanced_divergence(tiny_bas
                   "--steps", 6, "--resolution", 32, "--guidance", 7.5, *sources)
     assert checked.exit_code == 0, checked.output
     assert "agreement 100.0" in checked.stdout or "100.00%" in checked.stdout, checked.stdout
+
+
+@pytest.mark.parametrize("label, edit", [
+    ("a pairing without γ", lambda p: {**p, "gammas": p["gammas"][1:]}),
+    ("norms for too few sources", lambda p: {**p, "norms": p["norms"][:2]}),
+    ("a pairing of two subjects", lambda p: {**p, "gammas": [[0, 1, 1.0]] + p["gammas"][1:]}),
+])
+def test_format_2_params_are_checked_against_the_sources(nway, tmp_path, label, edit):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path, _ = nway
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    params = edit(json.loads(metadata["lorasched.params"]))
+    broken = tmp_path / "broken.safetensors"
+    save_file(load_file(str(path)), broken, metadata={**metadata, "lorasched.params": json.dumps(params)})
+    result = run("inspect", broken)
+    assert result.exit_code == 2 and "lorasched.params has gammas" in result.stderr, (label, result.output)
