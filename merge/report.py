@@ -71,7 +71,7 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
         lines += balance_lines(search)
     if gammas:
         lines.append("pairings    γ " + ", ".join(f"{labels[i]}·{labels[j]} {gamma:.4g}" for i, j, gamma in gammas)
-                     + "; mean scores " + ", ".join(f"{labels[i]} {norm:.4g}" for i, norm in enumerate(norms)
+                     + "; masses " + ", ".join(f"{labels[i]} {norm:.4g}" for i, norm in enumerate(norms)
                                                    if scheduled.roles[i] != "static"))
     if balances:
         lines.append("balances    b " + ", ".join(f"{labels[i]} {b:.4g}" for i, b in enumerate(balances)
