@@ -169,7 +169,8 @@ def test_inspect_and_heatmap_show_every_source(nway, tmp_path):
 
 def test_a_format_1_file_still_reads_inspects_and_replays_as_before(tiny_base, kohya_pair, pipe64, tmp_path):
     """The golden file was written by lorasched 7b0e8e3 (format 1) from conftest's seeded tiny_base and kohya_pair,
-    K-LoRA `s*`, 10 reference steps. Today's merge of the same pair makes the same tensors, and both replay alike."""
+    K-LoRA `s*`, 10 reference steps. Today's merge of the same pair makes the same schedule and factors, and both
+    replay alike."""
     old = fileformat.read(FORMAT_1, with_tensors=True)
     assert old.metadata[fileformat.KEY_VERSION] == "1" and old.roles == (SUBJECT, STYLE)
     pair = read_pair(str(tiny_base), *map(str, kohya_pair))
@@ -178,9 +179,14 @@ def test_a_format_1_file_still_reads_inspects_and_replays_as_before(tiny_base, k
     assert run("merge", "--base", tiny_base, "--subject", kohya_pair[0], "--style", kohya_pair[1], "--pattern", "s*",
                "--steps", 10, "-o", new_path).exit_code == 0
     new = fileformat.read(new_path, with_tensors=True)
-    assert old.schedule.layers == new.schedule.layers
-    assert old.tensors.keys() == new.tensors.keys() and all(torch.equal(old.tensors[k], new.tensors[k])
-                                                            for k in old.tensors)
+    # Same phases and factors; the switch points may move in their last bits (today's scorer sums γ's L1 masses
+    # tile by tile), so they are compared to 1e-9 and the factors to float32 rounding.
+    assert old.schedule.layers.keys() == new.schedule.layers.keys()
+    for name, phases in old.schedule.layers.items():
+        assert [s for _, s in phases] == [s for _, s in new.schedule.layers[name]], name
+        assert [p for p, _ in phases] == pytest.approx([p for p, _ in new.schedule.layers[name]], abs=1e-9), name
+    assert old.tensors.keys() == new.tensors.keys()
+    assert all(torch.allclose(old.tensors[k], new.tensors[k], rtol=1e-6, atol=0) for k in old.tensors)
     assert run("inspect", FORMAT_1).exit_code == 0
     rule = rules.from_file(old)
     with OnlineRule(pipe64, pair, rule):
@@ -190,7 +196,7 @@ def test_a_format_1_file_still_reads_inspects_and_replays_as_before(tiny_base, k
             replayed_old = generate(pipe64, 7)
         with attach(pipe64, new_path, mode=mode):
             replayed_new = generate(pipe64, 7)
-        assert torch.equal(replayed_old, replayed_new)
+        assert (replayed_old - replayed_new).abs().max().item() < 1e-6
         assert (replayed_old - online).abs().max().item() < 1e-4
 
 
