@@ -15,6 +15,8 @@ METHODS = ("klora", "est", "direct", "feature-kl", "np-lora", "switch", "windows
 CALIBRATED = ("feature-kl",)  # input-dependent: scheduled from calibration runs, not from weights
 SCHEDULED = ("np-lora", "switch", "windows", "blocks")  # defined by the method's own parameters, no scores
 SWITCHED = ("klora", "est")  # a SwitchRule: scores, γs and a ramp
+METHOD_OPTIONS = {"mu": "np-lora", "directions": "np-lora", "period": "switch", "windows": "windows",
+                  "blocks": "blocks"}  # RuleOptions field -> the one method that takes it
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,6 @@ class RuleOptions:
     windows: tuple[float, ...] | None = None  # windows: (subject end, style start)
     blocks: str | None = None  # blocks: `subject=<glob>,style=<glob>`
 
-    def given(self) -> dict:
-        """The method-specific options set away from their defaults, by CLI name."""
-        return {f"--{name}": value for name, value in (("mu", self.mu), ("directions", self.directions),
-                ("period", self.period), ("windows", self.windows), ("blocks", self.blocks)) if value is not None}
-
 
 def validate(method: str, options: RuleOptions) -> None:
     """Refuse a method/option combination before any file is read."""
@@ -55,11 +52,9 @@ def validate(method: str, options: RuleOptions) -> None:
         raise LoraschedError(f"--gamma-scale {options.gamma_scale}: must be a positive finite number")
     if method in ("direct", *SCHEDULED) and options.gamma_scale != 1.0:
         raise LoraschedError(f"--gamma-scale: {method} has no balance γ to scale")
-    owners = {"--mu": "np-lora", "--directions": "np-lora", "--period": "switch", "--windows": "windows",
-              "--blocks": "blocks"}
-    for option in options.given():
-        if owners[option] != method:
-            raise LoraschedError(f"{option}: only --method {owners[option]} takes it")
+    for name, owner in METHOD_OPTIONS.items():
+        if getattr(options, name) is not None and owner != method:
+            raise LoraschedError(f"--{name}: only --method {owner} takes it")
     if options.mu is not None and not (math.isfinite(options.mu) and options.mu >= 0):
         raise LoraschedError(f"--mu {options.mu}: must be a non-negative finite number")
     if options.directions is not None and options.directions < 1:
