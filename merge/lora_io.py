@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -395,8 +395,8 @@ def _strengthened(lora: LoraFile, strength: float) -> LoraFile:
     """The LoRA with its delta multiplied by `strength` (in each module's scale, so factors stay where they are)."""
     if strength == 1.0:
         return lora
-    modules = {name: module.replaced(scale=module.scale * strength) for name, module in lora.modules.items()}
-    return LoraFile(lora.path, lora.sha256, lora.dtype, modules, lora.metadata)
+    return replace(lora, modules={name: module.replaced(scale=module.scale * strength)
+                                  for name, module in lora.modules.items()})
 
 
 def read_set(base: str, specs: list[LoraSpec], allow_pickle: bool = False) -> LoraSet:

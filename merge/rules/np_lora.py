@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraSet
+from ..lora import STYLE, SUBJECT, LoraModule, LoraSet
 
 DEFAULT_MU = 0.5
 RANK_TOLERANCE = 1e-12  # singular values below this share of the largest span no direction of ΔW_s
@@ -71,6 +71,5 @@ def project(loras: LoraSet, mu: float = DEFAULT_MU, directions: int | None = Non
                 content = modules[name]
                 down = ProjectedDown(content, layer_styles, mu / (1 + mu), directions)
                 modules[name] = content.replaced(down=down)
-        sources[index] = replace(sources[index], lora=LoraFile(lora.path, lora.sha256, lora.dtype, modules,
-                                                               lora.metadata))
+        sources[index] = replace(sources[index], lora=replace(lora, modules=modules))
     return replace(loras, sources=tuple(sources))
