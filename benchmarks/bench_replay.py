@@ -1,5 +1,5 @@
 """Time one denoising step of an SDXL-topology UNet: base, plain LoRA (unfused / fused), lorasched replay
-(each mode), K-LoRA run online the way the published code runs it (dense B·A and two top-K per layer per
+(each mode, of a pair and of four LoRAs: two subjects, two styles), K-LoRA run online the way the published code runs it (dense B·A and two top-K per layer per
 call), and the feature-kl rule run online (two low-rank LoRA passes and two KL divergences per layer per
 call). All in one process, same inputs; configurations run round-robin, median of the per-step times over
 several full runs after a warm-up round.
@@ -11,7 +11,9 @@ several full runs after a warm-up round.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -23,7 +25,7 @@ import torch  # noqa: E402
 from lorasched.calibration.online import OnlineRule  # noqa: E402
 from lorasched.merge import rules  # noqa: E402
 from lorasched.merge.export import export  # noqa: E402
-from lorasched.merge.lora import LoraFile, LoraModule, LoraSet  # noqa: E402
+from lorasched.merge.lora import LoraFile, LoraModule, LoraSet, Source  # noqa: E402
 from lorasched.merge.quiet import collected_loading_messages  # noqa: E402
 from lorasched.merge.replay import attach  # noqa: E402
 from lorasched.merge.rules.feature_kl import FeatureKLRule  # noqa: E402
@@ -52,7 +54,7 @@ def tiny_sdxl_pipeline(unet):
     )
 
 
-def as_pair(subject: dict, style: dict) -> LoraSet:
+def as_set(loras: list[dict], roles: tuple[str, ...]) -> LoraSet:
     def modules(tensors):
         out = {}
         for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
@@ -61,10 +63,17 @@ def as_pair(subject: dict, style: dict) -> LoraSet:
             out["unet." + NAMES[stem]] = LoraModule(down, up, float(tensors[f"{stem}.alpha"]) / down.shape[0])
         return out
 
-    files = [LoraFile(path=f"{role}.safetensors", sha256="0" * 64, dtype=torch.float16, modules=modules(t))
-             for role, t in (("subject", subject), ("style", style))]
-    return LoraSet.pair(files[0], files[1], denoiser="unet", pipeline_class="StableDiffusionXLPipeline",
-                        single_text_encoder=False)
+    sources = tuple(Source(LoraFile(path=f"{role}{i}.safetensors", sha256=f"{i:064d}", dtype=torch.float16,
+                                    modules=modules(t)), role) for i, (role, t) in enumerate(zip(roles, loras)))
+    return LoraSet(sources, denoiser="unet", pipeline_class="StableDiffusionXLPipeline", single_text_encoder=False)
+
+
+def scheduled_file(loras: LoraSet, path: Path):
+    """The K-LoRA file of `loras` at `path`; returns its rule and schedule."""
+    rule, params = rules.build("klora", loras, rules.RuleOptions())
+    schedule = from_rule(rule, loras)
+    export(path, loras, schedule, method="klora", params=params, scores=rule.scores)
+    return rule, schedule
 
 
 class PublishedKLora:
@@ -104,8 +113,9 @@ def time_run(pipe, inputs, steps: int) -> list[float]:
     return times
 
 
-def configurations(pipe, path, pair, rule, subject):
-    """name -> (set up, tear down); each set-up installs one way of running the LoRA pair."""
+def configurations(pipe, path, pair, rule, subject, four):
+    """name -> (set up, tear down); each set-up installs one way of running the LoRA pair (or, `four`, the file of
+    four LoRAs)."""
 
     def plain(fuse: bool):
         def setup():
@@ -121,9 +131,9 @@ def configurations(pipe, path, pair, rule, subject):
 
         return setup, teardown
 
-    def replay(mode: str):
+    def replay(mode: str, file=path):
         handles = []
-        return (lambda: handles.append(attach(pipe, path, mode=mode))), (lambda: handles.pop().detach())
+        return (lambda: handles.append(attach(pipe, file, mode=mode))), (lambda: handles.pop().detach())
 
     online = OnlineRule(pipe, pair, PublishedKLora(pair, rule))
     feature = OnlineRule(pipe, pair, FeatureKLRule(gamma=1.0), samples=1)  # batch 2 = [uncond; cond] of one prompt
@@ -133,6 +143,8 @@ def configurations(pipe, path, pair, rule, subject):
         "plain LoRA, fused": plain(True),
         "lorasched replay, unfused": replay("unfused"),
         "lorasched replay, fused": replay("fused"),
+        "replay of 4 LoRAs, unfused": replay("unfused", four),
+        "replay of 4 LoRAs, fused": replay("fused", four),
         "online K-LoRA (published style)": (online.__enter__, lambda: online.__exit__(None, None, None)),
         "online feature-kl": (feature.__enter__, lambda: feature.__exit__(None, None, None)),
     }
@@ -155,13 +167,13 @@ def main() -> None:
     targets = lora_targets(pipe.unet)
     global NAMES
     NAMES = {"lora_unet_" + name.replace(".", "_"): name for name, _ in targets}
-    subject, style = random_kohya(targets, args.rank, seed=1), random_kohya(targets, args.rank, seed=2)
-    pair = as_pair(subject, style)
-    rule, params = rules.build("klora", pair, rules.RuleOptions())
-    schedule = from_rule(rule, pair)
+    loras = [random_kohya(targets, args.rank, seed=seed) for seed in (1, 2, 3, 4)]
+    pair = as_set(loras[:2], ("subject", "style"))
     folder = Path(tempfile.mkdtemp())
-    path = folder / "scheduled.safetensors"
-    export(path, pair, schedule, method="klora", params=params, scores=rule.scores)
+    atexit.register(shutil.rmtree, folder, True)
+    path, four = folder / "scheduled.safetensors", folder / "four.safetensors"
+    rule, schedule = scheduled_file(pair, path)
+    scheduled_file(as_set(loras, ("subject", "subject", "style", "style")), four)
 
     side = args.resolution // 8
     config = pipe.unet.config
@@ -181,7 +193,7 @@ def main() -> None:
           f"batch 2 (CFG), {args.dtype} on {device}; {len(targets)} LoRA modules, rank {args.rank}; "
           f"{args.steps} steps; K-LoRA schedule: {switching} switching layers")
 
-    configs = configurations(pipe, path, pair, rule, subject)
+    configs = configurations(pipe, path, pair, rule, loras[0], four)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for round_ in range(args.repeats + 1):  # round-robin, so drift in machine speed hits every row alike
         for name, (setup, teardown) in configs.items():
