@@ -38,9 +38,6 @@ class Schedule:
         phases = self.layers[layer]
         return phases[bisect.bisect_right([start for start, _ in phases], p) - 1][1]
 
-    def switch_points(self, layer: str) -> list[float]:
-        return [start for start, _ in self.layers[layer][1:]]
-
     def static_weights(self, layer: str, sources: int) -> tuple[float, ...]:
         """Fraction of progress each of the `sources` is active: what a plain loader should apply as a fixed mix."""
         phases = self.layers[layer]
