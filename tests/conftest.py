@@ -59,6 +59,30 @@ def pipe64(tiny_base):
     return pipe
 
 
+def run(*args):
+    """`lorasched ARGS…` through click's runner; paths and numbers may be given as they are."""
+    from click.testing import CliRunner
+    from lorasched.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base):
+    """The tiny SD pipeline with its weights, as the calibrating commands load it (float32, CPU)."""
+    from lorasched.calibration.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_base), "cpu")
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_base, kohya_pair):
+    """`kohya_pair` read onto the tiny base."""
+    from lorasched.merge.lora_io import read_pair
+
+    return read_pair(str(tiny_base), *map(str, kohya_pair))
+
+
 def generate(pipe, steps: int, seed: int = 0) -> torch.Tensor:
     return pipe(
         "a photo of sks dog",

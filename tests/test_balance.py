@@ -5,38 +5,21 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run
 from lorasched.calibration.balance import Candidate, Knob, SearchSettings, grid, search, switch_knob
 from lorasched.calibration.evaluate import render
 from lorasched.calibration.metrics import load_judge
 from lorasched.calibration.online import OnlineRule
-from lorasched.calibration.pipeline import load_pipeline
 from lorasched.calibration.runner import read_log
 from lorasched.calibration.verify import verify
-from lorasched.cli import main
 from lorasched.merge import fileformat, rules
 from lorasched.merge.errors import FormatError
-from lorasched.merge.lora_io import read_pair
 from lorasched.merge.schedule import from_rule
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 SIZE, STEPS, PROMPT = 32, 4, "a photo of sks dog"
 TARGET = Candidate(beta=0.75, gamma_scale=0.5)  # not the method's own setting (β 0.5, γ × 1)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_base):
-    return load_pipeline(str(tiny_base), "cpu")
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_base, kohya_pair):
-    return read_pair(str(tiny_base), *map(str, kohya_pair))
 
 
 @pytest.fixture(scope="module")

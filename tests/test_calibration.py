@@ -5,15 +5,12 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run
 from lorasched.calibration.aggregate import aggregate, suppress_short_runs
-from lorasched.calibration.pipeline import load_pipeline
 from lorasched.calibration.runner import Log, Settings, calibrate, read_log
 from lorasched.calibration.verify import verify
-from lorasched.cli import main
 from lorasched.merge import fileformat, rules
 from lorasched.merge.heatmap import block_of, schedule_cells, split_panels
-from lorasched.merge.lora_io import read_pair
 from lorasched.merge.replay import attach
 from lorasched.merge.rules.feature_kl import FeatureKLRule, divergences
 from lorasched.merge.schedule import AXIS_NOISE, Schedule, from_rule
@@ -21,20 +18,6 @@ from PIL import Image
 
 SIZE = 32
 PROMPTS = ("a photo of sks dog", "a red house by the sea", "a bowl of fruit", "a portrait of an old man")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_base):
-    return load_pipeline(str(tiny_base), "cpu")
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_base, kohya_pair):
-    return read_pair(str(tiny_base), *map(str, kohya_pair))
 
 
 def settings(prompts=PROMPTS[:2], seeds=(0, 1), steps=6, method="feature-kl") -> Settings:

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from lorasched.cli import main
+from conftest import run
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
 
 
 def merge_args(base, subject, style, output, *extra):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run
 from lorasched.calibration.metrics import (
     Fidelity,
     Judge,
@@ -18,16 +18,11 @@ from lorasched.calibration.metrics import (
     mean_cosine,
 )
 from lorasched.calibration.probes import embed, evaluation_crop, load_embedder
-from lorasched.cli import main
 from lorasched.merge.replay import attach
 from PIL import Image
 
 SIZE = 32
 PROMPTS = ("a photo of sks dog", "a red house by the sea")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_cosines_and_means_match_hand_computed_values():

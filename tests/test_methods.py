@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import generate as generate_sd
+from conftest import run
 from lorasched.calibration.online import OnlineRule
-from lorasched.cli import main
 from lorasched.merge import fileformat, rules
-from lorasched.merge.checks import LoraSpec
 from lorasched.merge.lora import STATIC, STYLE, SUBJECT, LoraFile, LoraModule, LoraSet, Source
-from lorasched.merge.lora_io import read_set
+from lorasched.merge.lora_io import read_pair
 from lorasched.merge.names import get_module
 from lorasched.merge.replay import MODES, attach
 from lorasched.merge.rules import blocks, lora_switch, np_lora, windows
@@ -114,10 +112,6 @@ def test_np_lora_projects_conv_kernels_over_their_flattened_input():
     assert torch.allclose(merged, dense_np_lora(content, [style], 0.5, None), atol=1e-5)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def sd_files(tiny_base, kohya_pair, tmp_path_factory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("methods")
@@ -145,13 +139,11 @@ def reference(method: str, loras: LoraSet, options: tuple[str, ...]):
 
 
 @pytest.mark.parametrize("method", list(CASES))
-def test_each_method_inspects_and_replays_as_its_direct_per_step_application(sd_files, tiny_base, kohya_pair,
-                                                                              pipe64, method):
+def test_each_method_inspects_and_replays_as_its_direct_per_step_application(sd_files, pair, pipe64, method):
     path = sd_files[method]
     shown = run("inspect", path)
     assert shown.exit_code == 0 and f"method      {method}" in shown.output
-    loras = read_set(str(tiny_base), [LoraSpec(str(kohya_pair[0]), SUBJECT), LoraSpec(str(kohya_pair[1]), STYLE)])
-    applied, rule = reference(method, loras, CASES[method])
+    applied, rule = reference(method, pair, CASES[method])
     schedule = fileformat.read(path).schedule
     switching = sum(len(phases) > 1 for phases in schedule.layers.values())
     assert (switching > 0) == (method in ("switch", "windows"))
@@ -171,7 +163,7 @@ def assert_replays_as_applied(pipe, path, applied: LoraSet, rule, make, step_cou
         assert (online - make(pipe, steps)).abs().max().item() > 1e-4
 
 
-def test_a_layer_no_lora_is_ever_active_in_is_left_out(tiny_base, kohya_pair, pipe64, tmp_path):
+def test_a_layer_no_lora_is_ever_active_in_is_left_out(tiny_base, kohya_pair, pair, pipe64, tmp_path):
     """windows 0.7,1: the style never opens, so the layers only the style adapts (ff.net.2) carry nothing; the file
     leaves them out, and the rest replays as the per-step application."""
     out = tmp_path / "subject-only.safetensors"
@@ -179,22 +171,16 @@ def test_a_layer_no_lora_is_ever_active_in_is_left_out(tiny_base, kohya_pair, pi
                "windows", "--windows", "0.7,1", "--steps", 10, "-o", out).exit_code == 0
     layers = fileformat.read(out).schedule.layers
     assert layers and not any(name.endswith("ff.net.2") and name.startswith("unet.") for name in layers)
-    loras = read_set(str(tiny_base), [LoraSpec(str(kohya_pair[0]), SUBJECT), LoraSpec(str(kohya_pair[1]), STYLE)])
-    with OnlineRule(pipe64, loras, windows.WindowsRule.of(loras, 0.7, 1.0)):
-        online = generate_sd(pipe64, 10)
-    with attach(pipe64, out):
-        replayed = generate_sd(pipe64, 10)
-    assert (replayed - online).abs().max().item() < 1e-4
+    assert_replays_as_applied(pipe64, out, pair, windows.WindowsRule.of(pair, 0.7, 1.0), generate_sd, (10,))
 
 
-def test_np_lora_file_loads_as_the_formula_in_a_plain_loader(sd_files, tiny_base, kohya_pair):
+def test_np_lora_file_loads_as_the_formula_in_a_plain_loader(sd_files, tiny_base, pair):
     from diffusers import StableDiffusionPipeline
 
-    loras = read_set(str(tiny_base), [LoraSpec(str(kohya_pair[0]), SUBJECT), LoraSpec(str(kohya_pair[1]), STYLE)])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
     pipe.load_lora_weights(str(sd_files["np-lora"]), adapter_name="plain")
-    for name in loras.decided:
-        content, style = (source.lora.modules[name] for source in loras.sources)
+    for name in pair.decided:
+        content, style = (source.lora.modules[name] for source in pair.sources)
         expected = dense_np_lora(content, [style], 0.5, None)
         loaded = get_module(pipe, name).get_delta_weight("plain").double().reshape(expected.shape)
         assert torch.allclose(loaded, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), name
@@ -217,8 +203,7 @@ def test_each_method_replays_on_flux(method, tmp_path):
                  *options, "--steps", 10, "-o", out)
     assert result.exit_code == 0, result.output
     assert f"method      {method}" in run("inspect", out).output
-    loras = read_set(str(tmp_path / "base"), [LoraSpec(str(paths[0]), SUBJECT), LoraSpec(str(paths[1]), STYLE)])
-    applied, rule = reference(method, loras, options)
+    applied, rule = reference(method, read_pair(str(tmp_path / "base"), *map(str, paths)), options)
     pipe = pipe.to(torch.float64)
     pipe.set_progress_bar_config(disable=True)
     assert_replays_as_applied(pipe, out, applied, rule, generate, (6, 10))

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import generate
+from conftest import generate, run
 from lorasched.calibration.online import OnlineRule
-from lorasched.cli import main
 from lorasched.merge import fileformat, rules
 from lorasched.merge.checks import LoraSpec, parse_lora
 from lorasched.merge.errors import LoraschedError
@@ -96,10 +94,6 @@ def nway_specs(paths) -> list[LoraSpec]:
     return [LoraSpec(str(paths["subject"]), SUBJECT), LoraSpec(str(paths["subject2"]), SUBJECT, 0.8),
             LoraSpec(str(paths["style"]), STYLE), LoraSpec(str(paths["style2"]), STYLE),
             LoraSpec(str(paths["detail"]), STATIC, 0.7)]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
