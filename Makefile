@@ -8,7 +8,7 @@ COMFY_VENV := .venv-comfy
 COMFY_PY := $(COMFY_VENV)/bin/python
 COMFY_STAMP := $(COMFY_VENV)/.installed
 
-.PHONY: demo test test-main test-comfyui install bench clean
+.PHONY: demo test test-main test-comfyui install bench clean packs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_merge
 	$(PY) -m benchmarks.bench_calibration
 	$(PY) -m benchmarks.bench_eval
+
+# The node pack and the WebUI extension install alone, so each carries a verbatim copy of the one file reader;
+# tests/test_layout.py checks the copies are equal.
+SCHEMA_COPIES := comfyui-lorasched/schema.py
+packs: $(SCHEMA_COPIES)
+
+$(SCHEMA_COPIES): merge/schema.py
+	cp $< $@
 
 clean:
 	rm -rf demo_work build *.egg-info

@@ -335,11 +335,11 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
     if sources:
         specs = [LoraSpec(path, role) for path, role in sources]
         given = ", ".join(f"{spec.role} {spec.path}" for spec in specs)
-        made = ", ".join(f"{s['role']} {s['file']}" for s in scheduled.sources)
+        made = ", ".join(f"{s.role} {s.file}" for s in scheduled.sources)
         if [spec.role for spec in specs] != list(scheduled.roles):
             raise LoraschedError(f"{path}: was made from {made}; give those with --subject and --style, not {given}")
         pair = read_set(base, specs)
-        if [s.lora.sha256 for s in pair.sources] != [s["sha256"] for s in scheduled.sources]:
+        if [s.lora.sha256 for s in pair.sources] != [s.sha256 for s in scheduled.sources]:
             raise LoraschedError(f"{path}: was made from {made}, not from {given} (sha256 differs)")
     group = group or distributed.current()
     pipe = load_pipeline(base, group.device or pick_device(device))

@@ -52,7 +52,7 @@ def replay(base: str, path: str) -> None:
     transformers_logging.disable_progress_bar()
     scheduled = fileformat.read(path)
     folder = Path(path).parent
-    pair = read_pair(base, *(str(folder / source["file"]) for source in scheduled.sources))
+    pair = read_pair(base, *(str(folder / source.file) for source in scheduled.sources))
     options = rules.RuleOptions(**{k: scheduled.params[k] for k in ("alpha", "beta")}, pattern=scheduled.params["pattern"])
     rule, _ = rules.build(scheduled.method, pair, options)
     pipe = StableDiffusionPipeline.from_pretrained(base)

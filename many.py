@@ -86,7 +86,7 @@ def up_to_date(row: Row) -> bool:
         return False
     try:
         scheduled = fileformat.read(output)
-        return scheduled.method == row.method and [source["sha256"] for source in scheduled.sources] == \
+        return scheduled.method == row.method and [source.sha256 for source in scheduled.sources] == \
             [file_sha256(path) for path in (row.subject, row.style)]
     except (LoraschedError, OSError):
         return False

@@ -36,7 +36,7 @@ def loras_from_file(scheduled: fileformat.ScheduledFile, pipe) -> LoraSet:
         for source, (down, up) in parts.items():
             modules[source][name] = LoraModule(down=down, up=up, scale=1.0)
     sources = tuple(
-        Source(LoraFile(path=info["file"], sha256=info["sha256"], dtype=torch.float32, modules=found), info["role"])
+        Source(LoraFile(path=info.file, sha256=info.sha256, dtype=torch.float32, modules=found), info.role)
         for info, found in zip(scheduled.sources, modules)
     )
     return LoraSet(sources=sources, denoiser=denoiser_name(pipe), pipeline_class=type(pipe).__name__)
@@ -216,9 +216,9 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
         agreement_grid=[[tally.cells[layer, i][0] / tally.cells[layer, i][1] for i in sorted(tally.steps)]
                         for layer in layers],
         latent_max_abs_diff=max(latent_max),
-        latent_mean_abs_diff=sum(latent_mean) / len(latent_mean),
+        latent_mean_abs_diff=math.fsum(latent_mean) / len(latent_mean),
         psnr_db_min=min(image_psnr),
-        psnr_db_mean=sum(image_psnr) / len(image_psnr),
+        psnr_db_mean=math.fsum(image_psnr) / len(image_psnr),
         seconds_per_image_online=sum(online_time) / len(online_time),
         seconds_per_image_replay=sum(replay_time) / len(replay_time),
     )

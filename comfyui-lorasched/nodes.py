@@ -14,7 +14,7 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from .replay import Replay, ScheduledLoRA, train_timesteps
-from .scheduled_file import Module, ScheduledLora, error, read
+from .schema import FormatError, Layer, ScheduledFile, read
 
 WRAPPER_KEY = "lorasched"
 
@@ -24,14 +24,14 @@ def _weight_key(target) -> str:
     return target if isinstance(target, str) else target[0]
 
 
-def _targets(scheduled: ScheduledLora, modules: list[Module], key_map: dict, model, what: str) -> dict[str, object]:
+def _targets(scheduled: ScheduledFile, modules: list[Layer], key_map: dict, model, what: str) -> dict[str, object]:
     """Each module's key-map target, after checking that every key maps and every delta fits its weight."""
     targets = {module.name: key_map.get(module.key) for module in modules}
     unmapped = [module.key for module in modules if targets[module.name] is None]
     architecture = scheduled.metadata.get("ss_base_model_version", "unknown")
     name = type(getattr(model, "model_config", model)).__name__
     if unmapped:
-        raise error(scheduled.path, f"{len(unmapped)} of {len(modules)} {what} layers have no weight in this {what} "
+        raise FormatError(f"{scheduled.path}: {len(unmapped)} of {len(modules)} {what} layers have no weight in this {what} "
                                     f"({name}) under ComfyUI's LoRA key map, e.g. {', '.join(unmapped[:3])}; the file "
                                     f"is for {architecture} (ss_base_model_version): use a model of that architecture")
     for module in modules:
@@ -42,13 +42,13 @@ def _targets(scheduled: ScheduledLora, modules: list[Module], key_map: dict, mod
             shape[dim] = length
         down, up = next(iter(module.factors.values()))
         if up.shape[0] != shape[0] or up.shape[0] * math.prod(down.shape[1:]) != math.prod(shape):
-            raise error(scheduled.path, f"{module.key} is {up.shape[0]}x{math.prod(down.shape[1:])} but the {what} "
+            raise FormatError(f"{scheduled.path}: {module.key} is {up.shape[0]}x{math.prod(down.shape[1:])} but the {what} "
                                         f"weight {_weight_key(target)} of {name} is {'x'.join(map(str, shape))}; the "
                                         f"file is for a {architecture} model of another size")
     return targets
 
 
-def _source_lora(modules: list[Module], source: int) -> dict[str, torch.Tensor]:
+def _source_lora(modules: list[Layer], source: int) -> dict[str, torch.Tensor]:
     """One source's factors as a plain LoRA state dict (no alphas: scale 1) under the file's own keys."""
     lora = {}
     for module in modules:
@@ -59,10 +59,10 @@ def _source_lora(modules: list[Module], source: int) -> dict[str, torch.Tensor]:
     return lora
 
 
-def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
+def patch_denoiser(model, scheduled: ScheduledFile, layers: dict[str, Layer], strength: float):
     """A clone of `model` with one ScheduledLoRA per layer and the clock; `model` itself is left as it was.
     Every patch goes in with ComfyUI's `add_patches`; those whose schedule never switches are plain static LoRAs."""
-    modules = [module for module in scheduled.modules.values() if module.is_denoiser]
+    modules = [module for module in layers.values() if module.is_denoiser]
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     targets = _targets(scheduled, modules, key_map, model.model, "model")
     if scheduled.axis == "noise":  # refuse an unsupported sampling now, not at the first step
@@ -84,10 +84,10 @@ def patch_denoiser(model, scheduled: ScheduledLora, strength: float):
     return patched
 
 
-def patch_text_encoders(clip, scheduled: ScheduledLora, strength: float):
+def patch_text_encoders(clip, scheduled: ScheduledFile, layers: dict[str, Layer], strength: float):
     """The text encoders run once per prompt, outside the denoising loop: each gets its first phase's sources
     (every LoRA that adapts it, as lorasched writes them) through ComfyUI's own LoRA loader."""
-    modules = [module for module in scheduled.modules.values() if not module.is_denoiser and module.phases[0][1]]
+    modules = [module for module in layers.values() if not module.is_denoiser and module.phases[0][1]]
     if not modules:
         return clip
     _targets(scheduled, modules, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), clip.cond_stage_model,
@@ -104,7 +104,7 @@ class LoadScheduledLora:
     """Load Scheduled LoRA (lorasched): a lorasched file replayed per layer and per step."""
 
     def __init__(self) -> None:
-        self._cached: tuple[str, float, ScheduledLora] | None = None
+        self._cached: tuple[str, float, ScheduledFile, dict[str, Layer]] | None = None
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -128,19 +128,20 @@ class LoadScheduledLora:
 
     def load(self, model, clip, lora_name: str, strength_model: float, strength_clip: float):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        scheduled = self._read(path)
+        scheduled, layers = self._read(path)
         if strength_model != 0:
-            model = patch_denoiser(model, scheduled, strength_model)
+            model = patch_denoiser(model, scheduled, layers, strength_model)
         if strength_clip != 0:
-            clip = patch_text_encoders(clip, scheduled, strength_clip)
+            clip = patch_text_encoders(clip, scheduled, layers, strength_clip)
         return model, clip
 
-    def _read(self, path: str) -> ScheduledLora:
+    def _read(self, path: str) -> tuple[ScheduledFile, dict[str, Layer]]:
         """Parse (and hash-check) a file once per version of it."""
         mtime = os.path.getmtime(path)
         if self._cached is None or self._cached[:2] != (path, mtime):
-            self._cached = (path, mtime, read(path))
-        return self._cached[2]
+            scheduled = read(path, with_tensors=True)
+            self._cached = (path, mtime, scheduled, scheduled.layers())
+        return self._cached[2:]
 
 
 NODE_CLASS_MAPPINGS = {"LoraschedLoadScheduledLora": LoadScheduledLora}

@@ -27,7 +27,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from .scheduled_file import Module, Selection, error
+from .schema import FormatError, Layer, Selection
 
 # Samplers whose extra evaluations inside step n can land on the next step's sigma S[n+1] (Heun's corrector, Heun++'s
 # look-aheads at S[n+1] and S[n+2], and the ancestral midpoint sqrt(S[n] * sigma_down), which is S[n+1] at eta = 1),
@@ -43,7 +43,7 @@ class ScheduledLoRA(WeightAdapterBase):
 
     name = "lorasched"
 
-    def __init__(self, key: str, module: Module, sources: dict[int, WeightAdapterBase]) -> None:
+    def __init__(self, key: str, module: Layer, sources: dict[int, WeightAdapterBase]) -> None:
         self.key = key  # the model weight it patches (several modules share one in FLUX's fused qkv)
         self.module = module
         self.sources = sources  # ComfyUI LoRAAdapters by source index, c_k already divided out
@@ -99,7 +99,7 @@ def train_timesteps(path: str, model_sampling) -> float:
     if type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
         return float(len(model_sampling.sigmas))
     kinds = ", ".join(base.__name__ for base in type(model_sampling).__bases__)
-    raise error(path, f"a calibrated (noise-axis) schedule cannot be read on {kinds} sampling; use the model with "
+    raise FormatError(f"{path}: a calibrated (noise-axis) schedule cannot be read on {kinds} sampling; use the model with "
                       "discrete (SD1.x/SDXL), flow (SD3) or FLUX sampling")
 
 

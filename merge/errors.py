@@ -1,9 +1,9 @@
-"""The error types the library raises for bad input; the CLI turns them into one line and exit code 2."""
+"""The error types the library raises for bad input; the CLI turns them into one line and exit code 2.
 
+Defined in `schema.py`, the light module the node pack and the WebUI extension carry a copy of, so that reading a
+file raises the same types everywhere.
+"""
 
-class LoraschedError(Exception):
-    """A problem with the user's input, worded for the user: it names the file and what is wrong."""
+from .schema import FormatError, LoraschedError
 
-
-class FormatError(LoraschedError, ValueError):
-    """The file is not a lorasched file, its metadata breaks the schema, or its weights no longer match it."""
+__all__ = ["FormatError", "LoraschedError"]

@@ -1,8 +1,7 @@
-"""The scheduled LoRA file: metadata schema, tensor hash, deterministic atomic streamed write, and reading it back.
+"""Writing the scheduled LoRA file (metadata, deterministic atomic streamed write) and reading it as the converter does.
 
-Shared by the exporter and the replay hook so the two cannot drift apart. Import-light on purpose (torch,
-safetensors, json): the replay hook imports it in deployments without the converter's extras.
-See docs/FORMAT.md for the schema.
+The schema and the reader every consumer shares are `schema.py`; this module adds what only lorasched itself
+checks: the method and its params. Import-light on purpose (torch, safetensors, json). docs/FORMAT.md is the schema.
 """
 
 from __future__ import annotations
@@ -13,41 +12,22 @@ import math
 import os
 import struct
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from .errors import FormatError
-from .lora import ROLES
 from .schedule import Schedule
+from .schema import (FORMAT_VERSION, KEY_METHOD, KEY_MODULES, KEY_PARAMS, KEY_SCHEDULE, KEY_SOURCES,
+                     KEY_TENSOR_FORMAT, KEY_TENSOR_HASH, KEY_VERSION, ScheduledFile, is_scheduled, tensor_sha256)
+from .schema import read as read_schema
 from .tensorfile import DTYPE_NAMES, LAYOUT_RANK
 
-NAMESPACE = "lorasched"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", FORMAT_VERSION)  # format 1: a subject/style pair, sources and phases by role name
-KEY_VERSION = f"{NAMESPACE}.format_version"
-KEY_METHOD = f"{NAMESPACE}.method"
-KEY_PARAMS = f"{NAMESPACE}.params"
-KEY_SOURCES = f"{NAMESPACE}.sources"
-KEY_SCHEDULE = f"{NAMESPACE}.schedule"
-KEY_MODULES = f"{NAMESPACE}.modules"
-KEY_TENSOR_HASH = f"{NAMESPACE}.tensor_sha256"
-KEY_TENSOR_FORMAT = f"{NAMESPACE}.tensor_format"  # `kohya` (also when absent) or `diffusers`
-PEFT_TO_HOOK = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
-
-
-def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash of names, dtypes, shapes and bytes of every tensor, in name order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().contiguous().cpu()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+__all__ = ["FORMAT_VERSION", "KEY_METHOD", "KEY_MODULES", "KEY_PARAMS", "KEY_SCHEDULE", "KEY_SOURCES",
+           "KEY_TENSOR_FORMAT", "KEY_TENSOR_HASH", "KEY_VERSION", "ScheduledFile", "TensorSpec", "is_scheduled",
+           "pack", "read", "tensor_sha256", "write", "write_stream"]
 
 
 @dataclass(frozen=True)
@@ -137,32 +117,6 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str
                  metadata)
 
 
-def _hook_name(key: str) -> str:
-    """`<module>.lora_A.weight` -> `<module>.lora_down.weight`: the hook reads every format by the record key."""
-    for peft, hook in PEFT_TO_HOOK:
-        if key.endswith(peft):
-            return key.removesuffix(peft) + hook
-    return key
-
-
-@dataclass(frozen=True)
-class ScheduledFile:
-    """What replay and inspect need from a file: its checked metadata, and the tensors when asked for."""
-
-    path: str
-    metadata: dict[str, str]
-    method: str
-    params: dict
-    sources: list[dict]  # in file order: file, sha256, dtype, role, strength (format 1: the pair's two)
-    modules: dict[str, dict]
-    schedule: Schedule
-    tensors: dict[str, torch.Tensor] | None = None  # named `<record key>.lora_down/up.weight` whatever the format
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return tuple(source["role"] for source in self.sources)
-
-
 def pack(method: str, params: dict, sources: list[dict], schedule: Schedule, records: dict[str, dict],
          tensor_format: str) -> dict[str, str]:
     """The `lorasched.*` metadata of a file (version and tensor hash are added by `write`)."""
@@ -176,60 +130,13 @@ def pack(method: str, params: dict, sources: list[dict], schedule: Schedule, rec
     }
 
 
-def is_scheduled(path: str | Path) -> bool:
-    """Whether a safetensors file carries lorasched metadata (any format version)."""
-    with safe_open(os.fspath(path), "pt") as handle:
-        return KEY_VERSION in (handle.metadata() or {})
-
-
 def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
-    """Parse and check a lorasched file against the whole schema; with tensors, also refuse one whose tensors do
-    not match its records or whose tensor hash does not match (weights changed after export). Every problem is a
-    one-line `FormatError` naming the file and the key."""
-    try:
-        with safe_open(os.fspath(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (OSError, SafetensorError) as exc:
-        raise FormatError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
-    version = metadata.get(KEY_VERSION)
-    if version is None:
-        raise FormatError(f"{path}: not a lorasched file (no {KEY_VERSION} in its metadata)")
-    if version not in READABLE_VERSIONS:
-        raise FormatError(f"{path}: lorasched format {version} is not supported (this lorasched reads "
-                          f"{', '.join(READABLE_VERSIONS)})")
-    check = _Checker(path, metadata, named=version == "1")
-    if metadata.get(KEY_TENSOR_FORMAT, TENSOR_FORMATS[0]) not in TENSOR_FORMATS:
-        check.fail(KEY_TENSOR_FORMAT, f"is {metadata[KEY_TENSOR_FORMAT]!r}, not one of {', '.join(TENSOR_FORMATS)}")
-    method = check.method()
-    sources = check.sources()
-    scheduled = ScheduledFile(
-        path=os.fspath(path),
-        metadata=metadata,
-        method=method,
-        params=check.params(method, tuple(source["role"] for source in sources)),
-        sources=sources,
-        modules=check.modules(len(sources)),
-        schedule=check.schedule(len(sources)),
-    )
-    check.consistent(scheduled)
-    if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
-        shapes = {_hook_name(key): shape for key, shape in shapes.items()}
-    check.shapes(scheduled.modules, shapes)
-    if not with_tensors:
-        return scheduled
-    try:
-        tensors = load_file(os.fspath(path))
-    except (OSError, SafetensorError) as exc:
-        raise FormatError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
-    if tensor_sha256(tensors) != metadata.get(KEY_TENSOR_HASH):
-        raise FormatError(f"{path}: tensor hash does not match the schedule (weights changed after export)")
-    if metadata.get(KEY_TENSOR_FORMAT) == "diffusers":
-        tensors = {_hook_name(key): tensor for key, tensor in tensors.items()}
-    for key, tensor in tensors.items():
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise FormatError(f"{path}: tensor {key} is not finite floating point")
-    return replace(scheduled, tensors=tensors)
+    """`schema.read` (the schema every reader shares), then the method and its params as lorasched writes them:
+    one `FormatError` line naming the file and the key."""
+    scheduled = read_schema(path, with_tensors)
+    check = _Checker(scheduled.path, scheduled.metadata)
+    check.params(check.method(), scheduled.roles)
+    return scheduled
 
 
 METHOD_PARAMS = {"klora": ("alpha", "beta"), "est": ("alpha", "beta"), "direct": (),
@@ -240,8 +147,6 @@ NESTED_PARAMS = {  # what inspect shows of them
     "beta_source": ("similarity", "embedder", "prompt", "seed", "steps"),
     "balance": ("objective", "candidates", "chosen", "prompts", "seeds", "steps", "size", "clip", "dino", "log"),
 }
-SOURCE_NAMES = ("subject", "style")  # format 1's two sources, in order
-TENSOR_FORMATS = ("kohya", "diffusers")
 
 
 def _finite(value) -> bool:
@@ -253,10 +158,10 @@ def _count(value) -> bool:
 
 
 class _Checker:
-    """The schema, checked key by key; the first problem raises with the key it is in."""
+    """The method's params, checked key by key; the first problem raises with the key it is in."""
 
-    def __init__(self, path, metadata: dict[str, str], named: bool) -> None:
-        self.path, self.metadata, self.named = path, metadata, named
+    def __init__(self, path: str, metadata: dict[str, str]) -> None:
+        self.path, self.metadata = path, metadata
 
     def fail(self, key: str, problem: str):
         raise FormatError(f"{self.path}: metadata {key} {problem}")
@@ -349,81 +254,3 @@ class _Checker:
         if method == "np-lora" and not (params["mu"] >= 0 and (params.get("directions") is None or
                                                                _count(params["directions"]))):
             self.fail(KEY_PARAMS, f"has mu {params['mu']!r} or directions {params.get('directions')!r} out of range")
-
-    def sources(self) -> list[dict]:
-        """The sources in file order; format 1's {subject, style} object becomes that list."""
-        if self.named:
-            sources = self.json(KEY_SOURCES, dict)
-            for role in SOURCE_NAMES:
-                if not isinstance(sources.get(role), dict):
-                    self.fail(KEY_SOURCES, f"has no {role} with a file name and sha256")
-            sources = [{**sources[role], "role": role} for role in SOURCE_NAMES]
-        else:
-            sources = self.json(KEY_SOURCES, list)
-        files = set()
-        for index, info in enumerate(sources):
-            if not isinstance(info, dict) or not isinstance(info.get("file"), str) or \
-                    not isinstance(info.get("sha256"), str) or info.get("role") not in ROLES:
-                self.fail(KEY_SOURCES, f"has source {index} without a file name, sha256 and role "
-                                       f"({', '.join(ROLES)})")
-            if not _finite(info.get("strength", 1.0)):
-                self.fail(KEY_SOURCES, f"has source {index} with strength {info['strength']!r}, not a finite number")
-            files.add(info["sha256"])
-        roles = [info["role"] for info in sources]
-        if "subject" not in roles or "style" not in roles or (len(files) < len(sources) and not self.named):
-            self.fail(KEY_SOURCES, "needs at least one subject and one style, each file once")
-        return sources
-
-    def modules(self, sources: int) -> dict[str, dict]:
-        modules = self.json(KEY_MODULES, dict)
-        if not modules:
-            self.fail(KEY_MODULES, "lists no module")
-        for name, record in modules.items():
-            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-                self.fail(KEY_MODULES, f"has no tensor key for {name}")
-            ranks, static = record.get("ranks"), record.get("static")
-            if not (isinstance(ranks, list) and len(ranks) == sources and
-                    all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks) and sum(ranks)):
-                self.fail(KEY_MODULES, f"has ranks {ranks!r} for {name}, not {sources} non-negative integers")
-            if not (isinstance(static, list) and len(static) == sources and
-                    all(_finite(c) and 0 <= c <= 1 for c in static)):
-                self.fail(KEY_MODULES, f"has static weights {static!r} for {name}, not {sources} numbers in [0, 1]")
-            scores = record.get("scores")
-            if scores is not None and not (isinstance(scores, list) and len(scores) == sources and
-                                           all(score is None or _finite(score) for score in scores)):
-                self.fail(KEY_MODULES, f"has scores {scores!r} for {name}, not {sources} numbers or nulls")
-            if any(rank and not weight for rank, weight in zip(ranks, static)):
-                self.fail(KEY_MODULES, f"gives {name} a source with a rank but a static weight of 0")
-        return modules
-
-    def schedule(self, sources: int) -> Schedule:
-        data = self.json(KEY_SCHEDULE, dict)
-        try:
-            return Schedule.from_data(data, sources, self.named)
-        except ValueError as exc:
-            self.fail(KEY_SCHEDULE, str(exc))
-
-    def consistent(self, scheduled: ScheduledFile) -> None:
-        """Every scheduled layer has a record whose ranks carry the sources its phases use."""
-        layers, modules = scheduled.schedule.layers, scheduled.modules
-        if set(layers) != set(modules):
-            name = sorted(set(layers) ^ set(modules))[0]
-            self.fail(KEY_SCHEDULE, f"and {KEY_MODULES} disagree on the layers ({name} is in only one)")
-        for name, phases in layers.items():
-            ranks = modules[name]["ranks"]
-            for _, selection in phases:
-                for index in selection:
-                    if not ranks[index]:
-                        source = scheduled.sources[index]
-                        self.fail(KEY_SCHEDULE, f"makes {name} use the {source['role']} LoRA {source['file']} "
-                                                f"(source {index}), whose factors it does not carry")
-
-    def shapes(self, modules: dict[str, dict], shapes: dict[str, tuple[int, ...]]) -> None:
-        """Each module's factors exist, as matrices (or conv kernels) of the recorded total rank."""
-        for name, record in modules.items():
-            key, rank = record["key"], sum(record["ranks"])
-            down, up = shapes.get(f"{key}.lora_down.weight"), shapes.get(f"{key}.lora_up.weight")
-            if down is None or up is None:
-                raise FormatError(f"{self.path}: no factors for {name} (tensors {key}.lora_down/up.weight)")
-            if len(down) < 2 or len(up) < 2 or down[0] != rank or up[1] != rank:
-                raise FormatError(f"{self.path}: factors of {name} have shapes {down} and {up}, not rank {rank}")

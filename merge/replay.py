@@ -14,7 +14,7 @@ switch points. Two modes:
   not all of them with zero scales). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a
   compiled denoiser.
 
-Import-light on purpose: torch, safetensors, json (through fileformat) and the objects it is handed.
+Import-light on purpose: torch, safetensors, json (through fileformat and schema) and the objects it is handed.
 """
 
 from __future__ import annotations
@@ -42,20 +42,8 @@ def adapter_names(roles: tuple[str, ...]) -> list[str]:
 
 
 def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Undo the export's rank concatenation: per module, per source index, (down, up) with the static weight
-    divided out."""
-    factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, record in scheduled.modules.items():
-        key = record["key"]
-        down = scheduled.tensors[f"{key}.lora_down.weight"]
-        up = scheduled.tensors[f"{key}.lora_up.weight"]
-        offset, parts = 0, {}
-        for source, (rank, weight) in enumerate(zip(record["ranks"], record["static"])):
-            if rank:
-                parts[source] = (down[offset : offset + rank].float() / weight, up[:, offset : offset + rank].float())
-                offset += rank
-        factors[name] = parts
-    return factors
+    """Per module, per source index, (down, up) with the static weight divided out (`ScheduledFile.factors`)."""
+    return {name: scheduled.factors(name) for name in scheduled.modules}
 
 
 class _FusedWeight:
@@ -122,8 +110,8 @@ def resolve_layers(pipe, scheduled: fileformat.ScheduledFile) -> dict[str, torch
         except AttributeError:
             raise LoraschedError(f"{scheduled.path}: does not fit this pipeline (it has no module {name})") from None
         weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
-        down = scheduled.tensors[f"{record['key']}.lora_down.weight"]
-        up = scheduled.tensors[f"{record['key']}.lora_up.weight"]
+        down = scheduled.tensors[f"{record.key}.lora_down.weight"]
+        up = scheduled.tensors[f"{record.key}.lora_up.weight"]
         if weight is None or weight.ndim != down.ndim or up.shape[0] != weight.shape[0] or \
                 down.shape[1:] != weight.shape[1:]:
             shape = None if weight is None else tuple(weight.shape)

@@ -77,9 +77,8 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
         lines.append("balances    b " + ", ".join(f"{labels[i]} {b:.4g}" for i, b in enumerate(balances)
                                                  if b is not None))
     for label, source in zip(labels, scheduled.sources):
-        strength = source.get("strength", 1.0)
-        lines.append(f"{label:<11} {source['file']}  sha256 {source['sha256'][:12]}  {source['dtype']}"
-                     + (f"  strength {strength:g}" if strength != 1.0 else ""))
+        lines.append(f"{label:<11} {source.file}  sha256 {source.sha256[:12]}  {source.dtype}"
+                     + (f"  strength {source.strength:g}" if source.strength != 1.0 else ""))
     axis = (f"step numbers below are for {steps} steps" if schedule.axis == AXIS_PROGRESS
             else "time axis: noise level q = 1 − t/T, steps as in calibration")
     lines.append(
@@ -127,7 +126,7 @@ def table_lines(scheduled: ScheduledFile, max_layers: int | None = None) -> list
     heading = "static c/s" if labels == ["subject", "style"] else "static " + "/".join(labels)
     lines = [f"{'layer':<{width}}  {heading}  schedule"]
     for name in names[:max_layers]:
-        static = "/".join(f"{weight:.2f}" for weight in scheduled.modules[name]["static"])
+        static = "/".join(f"{weight:.2f}" for weight in scheduled.modules[name].static)
         phases = describe_phases(schedule.layers[name], steps, schedule, labels)
         lines.append(f"{name:<{width}}  {static:<{len(heading)}}  {phases}")
     if max_layers is not None and len(names) > max_layers:
@@ -141,10 +140,10 @@ def decided_layers(scheduled: ScheduledFile) -> list[str]:
     schedule = scheduled.schedule
     if schedule.agreement is not None:
         return sorted(schedule.agreement)
-    scored = sorted(name for name, record in scheduled.modules.items() if "scores" in record)
+    scored = sorted(name for name, record in scheduled.modules.items() if record.scores is not None)
 
     def carries(record: dict, role: str) -> bool:
-        return any(rank for rank, r in zip(record["ranks"], scheduled.roles) if r == role)
+        return any(rank for rank, r in zip(record.ranks, scheduled.roles) if r == role)
 
     return scored or sorted(
         name for name, record in scheduled.modules.items()

@@ -123,7 +123,7 @@ def test_the_rule_decides_every_module_both_loras_adapt_and_only_those(world):
     every other module stays static on the LoRA that adapts it."""
     architecture, pair, files = world
     scheduled = fileformat.read(next(iter(files.values())))
-    decided = {name for name, record in scheduled.modules.items() if "scores" in record}
+    decided = {name for name, record in scheduled.modules.items() if record.scores is not None}
     both = {name for name in set(pair.subject.modules) & set(pair.style.modules) if pair.is_denoiser(name)}
     assert decided == both and both
     if architecture == "sdxl":
@@ -184,7 +184,7 @@ def test_modules_one_lora_adapts_stay_static_at_weight_one(world):
             assert schedule.layers[name] == ((0.0, pair.selection(source)),), name
             assert schedule.static_weights(name, 2) == ((1.0, 0.0) if source == SUBJECT else (0.0, 1.0)), name
             rank = pair.source(source).modules[name].rank
-            assert scheduled.modules[name]["ranks"] == ([rank, 0] if source == SUBJECT else [0, rank]), name
+            assert scheduled.modules[name].ranks == ((rank, 0) if source == SUBJECT else (0, rank)), name
 
 
 def test_sgm_kohya_names_read_as_their_diffusers_named_twin(tmp_path):

@@ -152,7 +152,7 @@ def test_feature_kl_merge_replays_and_verifies_on_held_out_seeds(tiny_base, kohy
                  "--resolution", SIZE, "--subject", kohya_pair[0], "--style", kohya_pair[1],
                  "--min-agreement", numbers["agreement"] + 1e-6)
     assert strict.exit_code == 1 and "is below --min-agreement" in strict.stderr, strict.output
-    dropped = any(0 in record["ranks"] for name, record in scheduled.modules.items() if name in schedule.agreement)
+    dropped = any(0 in record.ranks for name, record in scheduled.modules.items() if name in schedule.agreement)
     assert dropped, "some calibrated layer never uses one LoRA, so the file carries only the other's factors"
     without_sources = run("verify", out, "--base", tiny_base, "--prompts", "x", "--seeds", "7", "--resolution", SIZE)
     assert without_sources.exit_code == 2 and "drops an unused LoRA's factors" in without_sources.stderr

@@ -43,11 +43,11 @@ def test_metadata_records_the_job(exported, kohya_pair):
     assert scheduled.method == "klora"
     assert scheduled.params["pattern"] == "s*" and scheduled.params["steps"] == 20
     assert scheduled.params["gamma"] > 0
-    assert [source["role"] for source in scheduled.sources] == [SUBJECT, STYLE]
-    assert scheduled.sources[0]["file"] == kohya_pair[0].name
-    assert len(scheduled.sources[1]["sha256"]) == 64
-    both = [r for r in scheduled.modules.values() if "scores" in r]
-    assert both and all(len(r["scores"]) == 2 for r in both)
+    assert [source.role for source in scheduled.sources] == [SUBJECT, STYLE]
+    assert scheduled.sources[0].file == kohya_pair[0].name
+    assert len(scheduled.sources[1].sha256) == 64
+    both = [r for r in scheduled.modules.values() if r.scores is not None]
+    assert both and all(len(r.scores) == 2 for r in both)
 
 
 def test_plain_load_applies_the_static_mix_without_key_warnings(exported, tiny_base, kohya_pair):

@@ -56,3 +56,24 @@ def test_the_replay_hook_imports_only_torch_safetensors_and_the_standard_library
         todo += [alias.name for node in body if isinstance(node, ast.ImportFrom) and node.level == 1
                  and not node.module for alias in node.names]
     assert "rules" not in seen and "export" not in seen and "lora_io" not in seen, seen
+
+
+PACK_COPIES = ("comfyui-lorasched/schema.py",)
+
+
+def test_the_packs_carry_the_one_schema_module_byte_for_byte():
+    """The node pack and the WebUI extension install alone, so each carries `merge/schema.py`, copied by
+    `make packs`; a copy edited by hand, or a schema change not copied, fails here."""
+    source = (ROOT / "merge" / "schema.py").read_bytes()
+    for copy in PACK_COPIES:
+        assert (ROOT / copy).read_bytes() == source, f"{copy} differs from merge/schema.py: run `make packs`"
+
+
+def test_the_schema_module_stands_alone():
+    """No import of lorasched and no relative import: the copies must work where the package is not installed."""
+    allowed = {"torch", "safetensors", "json", "hashlib", "os", "math", "bisect", "dataclasses", "typing",
+               "__future__"}
+    body = ast.parse((ROOT / "merge" / "schema.py").read_text()).body
+    modules = {alias.name.split(".")[0] for node in body if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in body if isinstance(node, ast.ImportFrom)}
+    assert all(node.level == 0 for node in body if isinstance(node, ast.ImportFrom)) and modules <= allowed, modules

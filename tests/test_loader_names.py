@@ -85,7 +85,7 @@ def test_a_merge_against_the_real_configs_writes_only_canonical_keys_in_the_inpu
     stems = {key.removesuffix(down).removesuffix(up) for key in keys}
     assert len(keys) == 2 * len(stems), "every module has exactly a down and an up factor"
     records = fileformat.read(output).modules
-    assert {record["key"] for record in records.values()} == stems
+    assert {record.key for record in records.values()} == stems
 
     text_stems = {s for s in stems if s.startswith(("lora_te", "text_encoder"))}
     assert len(text_stems) >= len(TEXT_TARGETS), "the text encoders' modules are exported"

@@ -111,7 +111,7 @@ def test_merge_writes_format_2_with_every_source(nway, more_loras):
     path, loras = nway
     scheduled = fileformat.read(path, with_tensors=True)
     assert scheduled.metadata[fileformat.KEY_VERSION] == "2"
-    assert [(s["file"], s["role"], s["strength"]) for s in scheduled.sources] == [
+    assert [(s.file, s.role, s.strength) for s in scheduled.sources] == [
         ("subject.safetensors", SUBJECT, 1.0), ("subject2.safetensors", SUBJECT, 0.8),
         ("style.safetensors", STYLE, 1.0), ("style2.safetensors", STYLE, 1.0), ("detail.safetensors", STATIC, 0.7)]
     assert {(i, j) for i, j, _ in scheduled.params["gammas"]} == {(0, 2), (0, 3), (1, 2), (1, 3)}
@@ -168,7 +168,7 @@ def test_a_format_1_file_still_reads_inspects_and_replays_as_before(tiny_base, k
     old = fileformat.read(FORMAT_1, with_tensors=True)
     assert old.metadata[fileformat.KEY_VERSION] == "1" and old.roles == (SUBJECT, STYLE)
     pair = read_pair(str(tiny_base), *map(str, kohya_pair))
-    assert [s["sha256"] for s in old.sources] == [pair.subject.sha256, pair.style.sha256]
+    assert [s.sha256 for s in old.sources] == [pair.subject.sha256, pair.style.sha256]
     new_path = tmp_path / "new.safetensors"
     assert run("merge", "--base", tiny_base, "--subject", kohya_pair[0], "--style", kohya_pair[1], "--pattern", "s*",
                "--steps", 10, "-o", new_path).exit_code == 0
@@ -220,7 +220,7 @@ def test_a_format_1_file_may_name_one_file_as_both_sources(tmp_path):
     sources["style"]["sha256"] = sources["subject"]["sha256"]
     path = tmp_path / "twice.safetensors"
     save_file(load_file(str(FORMAT_1)), path, metadata={**metadata, "lorasched.sources": json.dumps(sources)})
-    assert fileformat.read(path).sources[0]["sha256"] == fileformat.read(path).sources[1]["sha256"]
+    assert fileformat.read(path).sources[0].sha256 == fileformat.read(path).sources[1].sha256
 
 
 @pytest.fixture(scope="module")

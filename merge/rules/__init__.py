@@ -139,7 +139,7 @@ def from_file(scheduled):
         balances = tuple(params["balances"]) if "balances" in params else None
         return feature_kl.FeatureKLRule(gamma=params.get("gamma"), temperature=params["temperature"],
                                         balances=balances)
-    carried = {name: tuple(i for i, rank in enumerate(record["ranks"]) if rank and roles[i] != STATIC)
+    carried = {name: tuple(i for i, rank in enumerate(record.ranks) if rank and roles[i] != STATIC)
                for name, record in scheduled.modules.items() if not name.startswith("text_encoder")}
     if method == "switch":
         return lora_switch.LoraSwitchRule(tuple(params["order"]), params["period"], params["steps"], carried)
@@ -151,7 +151,7 @@ def from_file(scheduled):
                                   for name, carrying in carried.items()
                                   if {roles[i] for i in carrying} == {SUBJECT, STYLE}})
     wrap = method == "klora" and params.get("pattern") == "s*"
-    scores = {name: tuple(record["scores"]) for name, record in scheduled.modules.items() if "scores" in record}
+    scores = {name: record.scores for name, record in scheduled.modules.items() if record.scores is not None}
     if "gammas" in params:
         gammas, norms = {(i, j): gamma for i, j, gamma in params["gammas"]}, tuple(params["norms"])
     else:

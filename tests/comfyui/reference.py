@@ -45,7 +45,7 @@ class HandSetWeights:
         for name in self.schedule.layers:
             if not name.startswith(("unet.", "transformer.")):
                 continue
-            target = key_map[scheduled.modules[name]["key"]]
+            target = key_map[scheduled.modules[name].key]
             key, offset = (target, None) if isinstance(target, str) else target[:2]
             deltas = {source: up.flatten(1) @ down.flatten(1) for source, (down, up) in factors[name].items()}
             self.parts.setdefault(key, []).append((offset, name, deltas))

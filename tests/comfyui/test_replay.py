@@ -73,7 +73,7 @@ def test_feature_kl_replays_on_the_noise_axis(sd, sd_model, apply, seed):
 
 def test_sdxl_klora_under_sgm_names_replays_exactly(sdxl, sdxl_model, apply):
     path, steps = sdxl.files["klora-s*"], KLORA_STEPS
-    assert any(record["key"].startswith("lora_unet_input_blocks_") for record in fileformat.read(path).modules.values())
+    assert any(record.key.startswith("lora_unet_input_blocks_") for record in fileformat.read(path).modules.values())
     assert _switching_steps(path, step_times(sdxl_model(), "progress", steps)) > 0
     noise, conds = _noise(6), sdxl_conditioning(6)
     (model, _) = apply(sdxl_model(), path)
@@ -135,12 +135,12 @@ def test_a_format_1_file_replays_as_its_format_2_merge(sd, sd_model, node, apply
     samples it bitwise alike, equal to the reference."""
     old, new = fileformat.read(FORMAT_1_FILE), fileformat.read(sd.files["klora-s*"])
     assert old.metadata[fileformat.KEY_VERSION] == "1" and new.metadata[fileformat.KEY_VERSION] == "2"
-    assert [source["sha256"] for source in old.sources] == [source["sha256"] for source in new.sources]
-    read = pack_module("scheduled_file").read
-    ours, theirs = read(str(FORMAT_1_FILE)), read(str(sd.files["klora-s*"]))
-    assert ours.sources == theirs.sources and ours.modules.keys() == theirs.modules.keys()
-    for name, module in ours.modules.items():
-        other = theirs.modules[name]
+    assert [source.sha256 for source in old.sources] == [source.sha256 for source in new.sources]
+    read = pack_module("schema").read
+    ours, theirs = (read(str(path), with_tensors=True).layers() for path in (FORMAT_1_FILE, sd.files["klora-s*"]))
+    assert ours.keys() == theirs.keys()
+    for name, module in ours.items():
+        other = theirs[name]
         assert module.phases == other.phases and module.factors.keys() == other.factors.keys()
         assert all(torch.equal(a, b) for source in module.factors
                    for a, b in zip(module.factors[source], other.factors[source]))
