@@ -73,7 +73,7 @@ def patch_denoiser(model, scheduled: ScheduledFile, layers: dict[str, Layer], st
     for module in modules:
         target = targets[module.name]
         sources = {source: adapters[source][target] for source in module.factors}
-        patches[target] = ScheduledLoRA(_weight_key(target), module, sources)
+        patches[target] = ScheduledLoRA.build(_weight_key(target), module, sources)
     patched = model.clone()
     patched.add_patches(patches, strength)
     switching = [patch for patch in patches.values() if patch.module.switches]

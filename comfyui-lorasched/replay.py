@@ -9,6 +9,11 @@
   model evaluation, before its cond and uncond calls) maps the evaluation's sigma onto the schedule's axis and,
   when a switch point is crossed, flips the switching patches and rewrites only the weights whose sources changed,
   from ComfyUI's own exact backup of the original (`rewrite`).
+
+Newer ComfyUI's dynamic VRAM (`ModelPatcherDynamic`) applies patches at every weight cast, from copies of each
+patch rebuilt as `type(patch)(loaded_keys, weights)`, and keeps a patched copy in VRAM between casts: the patch is
+built that way with its live state shared by every copy, and a switch clears the cached copy (`forget_cast`)
+instead of writing in place. Nothing relies on an in-place write a cast-time path would bypass.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.samplers
 import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
@@ -35,25 +41,67 @@ from .schema import FormatError, Layer, Selection
 LOOKAHEAD_SAMPLERS = tuple(getattr(comfy.k_diffusion.sampling, f"sample_{name}") for name in (
     "heun", "heunpp2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp"))
 SIGMA_TOLERANCE = 1e-6  # relative: a sampler's sigma equals the schedule's entry up to float noise
+SEARCH_FACTOR = 5  # a run of n steps is looked for in schedules of up to 5·n + 50 steps (img2img down to denoise 0.2)
+SEARCH_EXTRA = 50
+
+
+class PatchState:
+    """What a layer's patch shares with every copy ComfyUI makes of it: the weight it patches, its schedule, the
+    order of its sources, and the sources active now (set by the clock)."""
+
+    def __init__(self, key: str, module: Layer, order: Selection) -> None:
+        self.key = key  # the model weight it patches (several modules share one in FLUX's fused qkv)
+        self.module = module
+        self.order = order
+        self.active: Selection = module.phases[0][1]
 
 
 class ScheduledLoRA(WeightAdapterBase):
-    """A weight patch that adds its module's active sources (none: the weight as it is); `active` is set by the
-    clock."""
+    """A weight patch that adds its module's active sources (none: the weight as it is).
+
+    Built as ComfyUI builds its own adapters, `(loaded_keys, weights)`, with `weights` = (the shared PatchState,
+    then one LoRAAdapter per source in its order): newer ComfyUI's cast-time patcher (ModelPatcherDynamic) rebuilds
+    each patch as `type(patch)(patch.loaded_keys, <weights moved to the device>)`, and the copy must still read
+    the live `active`."""
 
     name = "lorasched"
 
-    def __init__(self, key: str, module: Layer, sources: dict[int, WeightAdapterBase]) -> None:
-        self.key = key  # the model weight it patches (several modules share one in FLUX's fused qkv)
-        self.module = module
-        self.sources = sources  # ComfyUI LoRAAdapters by source index, c_k already divided out
-        self.active: Selection = module.phases[0][1]
+    def __init__(self, loaded_keys: set[str], weights: tuple) -> None:
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+    @classmethod
+    def build(cls, key: str, module: Layer, sources: dict[int, WeightAdapterBase]) -> ScheduledLoRA:
+        """`sources`: ComfyUI LoRAAdapters by source index, c_k already divided out."""
+        order = tuple(sorted(sources))
+        return cls(set(), (PatchState(key, module, order), *(sources[index] for index in order)))
+
+    @property
+    def state(self) -> PatchState:
+        return self.weights[0]
+
+    @property
+    def key(self) -> str:
+        return self.state.key
+
+    @property
+    def module(self) -> Layer:
+        return self.state.module
+
+    @property
+    def active(self) -> Selection:
+        return self.state.active
+
+    @active.setter
+    def active(self, selection: Selection) -> None:
+        self.state.active = selection
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        for source in self.active:
-            weight = self.sources[source].calculate_weight(weight, key, strength, strength_model, offset, function,
-                                                           intermediate_dtype, original_weight)
+        state, *adapters = self.weights
+        for source in state.active:
+            weight = adapters[state.order.index(source)].calculate_weight(
+                weight, key, strength, strength_model, offset, function, intermediate_dtype, original_weight)
         return weight
 
 
@@ -68,6 +116,8 @@ def rewrite(patcher, key: str) -> bool:
     backup = patcher.backup.get(key)
     if backup is None:
         return False
+    if hasattr(comfy.utils.get_attr(patcher.model, key.rsplit(".", 1)[0]), "_v"):
+        return False  # a dynamic-VRAM page: patched at cast time (see `forget_cast`), the backup is not its source
     weight, set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, key)
     temp = comfy.model_management.cast_to_device(backup.weight, weight.device, torch.float32, copy=True)
     if convert_func is not None:
@@ -78,6 +128,19 @@ def rewrite(patcher, key: str) -> bool:
         comfy.utils.copy_to_param(patcher.model, key, comfy.float.stochastic_rounding(out, weight.dtype, seed=seed))
     else:
         set_func(out, inplace_update=True, seed=seed)
+    return True
+
+
+def forget_cast(patcher, key: str) -> bool:
+    """Newer ComfyUI's dynamic VRAM keeps a layer's patched weight in a VRAM page between casts and patches again
+    only when the page's signature is cleared (what its own `set_dirty` does); clear it for a switched weight so
+    the next cast applies the new sources. A no-op on the classic patcher. Returns whether it cleared one."""
+    if not getattr(patcher, "is_dynamic", lambda: False)():
+        return False
+    module = comfy.utils.get_attr(patcher.model, key.rsplit(".", 1)[0])
+    if not hasattr(module, "_v"):
+        return False
+    module._v_signature = None
     return True
 
 
@@ -101,6 +164,56 @@ def train_timesteps(path: str, model_sampling) -> float:
     kinds = ", ".join(base.__name__ for base in type(model_sampling).__bases__)
     raise FormatError(f"{path}: a calibrated (noise-axis) schedule cannot be read on {kinds} sampling; use the model with "
                       "discrete (SD1.x/SDXL), flow (SD3) or FLUX sampling")
+
+
+# Schedulers in the order a piece of a run is matched against them: where two give the same first sigmas (the first
+# 13 of sgm_uniform at 19 steps are normal's at 20), the more common one is taken.
+SCHEDULER_PREFERENCE = ("normal", "karras", "simple", "exponential", "sgm_uniform", "beta", "ddim_uniform",
+                        "linear_quadratic", "kl_optimal")
+
+
+def _schedules(model_sampling, name: str, total: int):
+    """ComfyUI's sigma schedule `name` of `total` steps, also as the samplers that discard the penultimate sigma
+    (dpm_2, uni_pc) run it."""
+    full = comfy.samplers.calculate_sigmas(model_sampling, name, total).float().cpu()
+    yield full
+    if total > 1:
+        yield torch.cat([full[:-2], full[-1:]])
+
+
+def _cut_from(run: torch.Tensor, full: torch.Tensor) -> int | None:
+    """Where `run` starts in `full` when it is a contiguous piece of it (its last sigma may be a forced 0)."""
+    steps = len(run) - 1
+    offset = int(torch.argmin((full[:-1] - run[0]).abs()))
+    piece = full[offset : offset + steps + 1]
+    if len(piece) != steps + 1 or not torch.allclose(piece[:-1], run[:-1], rtol=1e-5, atol=0.0):
+        return None
+    return offset if run[-1] == 0 or torch.isclose(piece[-1], run[-1], rtol=1e-5, atol=0.0) else None
+
+
+@functools.lru_cache(maxsize=64)
+def place_of_run(sigmas: tuple[float, ...], model_sampling) -> tuple[int, int]:
+    """(offset, total): the run's first step is step `offset` of a `total`-step schedule it was cut from.
+
+    A run is a piece of a longer schedule when KSamplerAdvanced (or SplitSigmas) splits sampling between samplers
+    or models, and when img2img denoises less than 1 (ComfyUI takes the last steps of a longer schedule). The
+    progress axis is p = n / N of the whole schedule, so the pieces replay as one unsplit run. The place is found by
+    recognising the run within ComfyUI's own schedules: first as a whole schedule of its length (any scheduler),
+    then as a piece of a longer one (schedulers in SCHEDULER_PREFERENCE order, shortest first); a run that is no
+    piece of one (custom sigmas) is its own schedule."""
+    run = torch.tensor(sigmas)
+    steps = len(sigmas) - 1
+    names = [name for name in SCHEDULER_PREFERENCE if name in comfy.samplers.SCHEDULER_NAMES]
+    names += [name for name in comfy.samplers.SCHEDULER_NAMES if name not in names]
+    lengths = range(steps + 1, SEARCH_FACTOR * steps + SEARCH_EXTRA + 1)
+    for name, totals in [(name, [steps]) for name in names] + [(name, lengths) for name in names]:
+        for total in totals:
+            for full in _schedules(model_sampling, name, total):
+                offset = _cut_from(run, full)
+                if offset is not None:
+                    return offset, len(full) - 1
+    logging.info("lorasched: a run of %d steps is no piece of a ComfyUI schedule; replaying it as its own", steps)
+    return 0, steps
 
 
 def noise_levels(path: str, sigmas: torch.Tensor, model_sampling) -> list[float]:
@@ -130,6 +243,7 @@ class Replay:
         self.last: tuple[float, bool] | None = None  # the previous evaluation of this run: sigma, at a step's own?
         self._sigmas_tensor = None
         self._starts: list[float] = []  # S[0..N-1] in ascending order, for bisect
+        self._place = (0, 0)  # the run's first step and the length of the schedule it was cut from
         self._noise: dict[float, float] = {}  # noise axis: S[n] -> q
 
     def sampler_sample(self, executor, *args, **kwargs):
@@ -162,6 +276,8 @@ class Replay:
         self._sigmas_tensor = sample_sigmas
         starts = sample_sigmas[:-1]
         self._starts = starts.tolist()[::-1]
+        if self.axis == "progress":
+            self._place = place_of_run(tuple(sample_sigmas.float().tolist()), model_sampling)
         if self.axis == "noise":
             self._noise = dict(zip(starts.tolist(), noise_levels(self.path, starts, model_sampling)))
 
@@ -174,7 +290,8 @@ class Replay:
         if not look_ahead:
             self.step = index
         self.last = (sigma, own)
-        return self.step / len(self._starts)
+        offset, total = self._place
+        return (offset + self.step) / total
 
     def switch(self, patcher, time: float) -> None:
         """Set every switching patch to its sources at `time`; rewrite the weights of those that changed."""
@@ -185,4 +302,6 @@ class Replay:
                 patch.active = selection
                 changed.add(patch.key)
         written = sum(rewrite(patcher, key) for key in sorted(changed))
-        logging.debug("lorasched: time %.4f, %d weights switched, %d rewritten", time, len(changed), written)
+        forgotten = sum(forget_cast(patcher, key) for key in sorted(changed))
+        logging.debug("lorasched: time %.4f, %d weights switched, %d rewritten, %d casts forgotten", time, len(changed),
+                      written, forgotten)

@@ -78,9 +78,11 @@ def test_weights_change_only_at_switch_steps(sd, sd_model, apply, name):
     assert 0 < sum(map(bool, expected)) < steps - 1
 
 
-def test_a_partially_loaded_model_follows_the_schedule(sd, sd_model, apply):
+@pytest.mark.parametrize("unloaded", ["some", "all"])
+def test_a_partially_loaded_model_follows_the_schedule(sd, sd_model, apply, unloaded):
     """ComfyUI's low-VRAM state, as `free_memory` leaves it: some layers unloaded to weight functions that patch
-    per call (LowVramPatch), the rest patched in place. The output still equals the hand-set reference."""
+    per call (LowVramPatch), the rest patched in place; or every layer cast at run time, the path a cast-time
+    patcher (newer ComfyUI's dynamic VRAM) takes for all of them. The output still equals the hand-set reference."""
     path = sd.files["klora-s*"]
     (model, _) = apply(sd_model(), path)
     switching = {patch.key for patch in _replay(model).patches}
@@ -90,7 +92,7 @@ def test_a_partially_loaded_model_follows_the_schedule(sd, sd_model, apply):
         out = executor(patcher, noise_shape, conds, model_options=model_options)
         # ComfyUI unloads the smallest layers first: free all layers smaller than the widest switching ones
         sizes = {f"{name}.weight": size for size, name, _, _ in patcher._load_list()}
-        widest = max(sizes[key] for key in switching)
+        widest = max(sizes[key] for key in switching) if unloaded == "some" else float("inf")
         patcher.partially_unload(patcher.offload_device, sum(size for size in sizes.values() if size < widest))
         split["per call"] = {key for key in switching if key not in patcher.backup}
         split["in place"] = switching - split["per call"]
@@ -103,7 +105,7 @@ def test_a_partially_loaded_model_follows_the_schedule(sd, sd_model, apply):
     reference = reference_sample(sd_model(), path, noise, conds, STEPS, "euler", cfg=5.0)
     print(f"partial load: {len(split['per call'])} switching weights patched per call, {len(split['in place'])} "
           f"in place; max |node - reference| = {(out - reference).abs().max().item():.1e}")
-    assert split["per call"] and split["in place"]
+    assert split["per call"] and (bool(split["in place"]) == (unloaded == "some"))
     assert (out - reference).abs().max().item() <= 1e-4
 
 
@@ -279,3 +281,23 @@ def test_example_workflows_validate_in_comfyui(node, tmp_path, loras_folder):
         for slot in node["inputs"]:
             link = next(link for link in ui["links"] if link[0] == slot["link"])
             assert inputs[slot["name"]] == [str(link[1]), link[2]]
+
+
+def test_a_patch_rebuilt_as_dynamic_vram_rebuilds_it_follows_the_clock(sd, sd_model, apply):
+    """Newer ComfyUI's cast-time patcher rebuilds every patch as `type(p)(p.loaded_keys, <weights moved>)` (its
+    LoRAAdapters likewise) and patches with the copy: the copy adds the sources the clock set on the original."""
+    (model, _) = apply(sd_model(), sd.files["klora-s*"])
+    patch = next(patch for patch in _replay(model).patches if len(patch.module.factors) == 2)
+
+    def rebuilt(adapter):
+        weights = tuple(w.clone() if isinstance(w, torch.Tensor) else w for w in adapter.weights)
+        return type(adapter)(adapter.loaded_keys, weights)
+
+    copy = type(patch)(patch.loaded_keys, (patch.weights[0], *(rebuilt(a) for a in patch.weights[1:])))
+    weight = comfy.utils.get_attr(model.model, patch.key).detach().float()
+    for selection in ((0,), (1,), (0, 1), ()):
+        patch.active = selection
+        ours, theirs = (comfy.lora.calculate_weight([(1.0, p, 1.0, None, None)], weight.clone(), patch.key)
+                        for p in (patch, copy))
+        assert torch.equal(ours, theirs)
+        assert torch.equal(theirs, weight) == (selection == ())

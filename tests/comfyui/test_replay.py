@@ -165,3 +165,45 @@ def test_noise_axis_reads_lorasched_clock_value(request, node, world):
     diffusers_q = torch.tensor([clock(t) for t in called_with])
     comfy_q = torch.tensor(noise_levels("file", sigmas, model_sampling))
     assert (comfy_q - diffusers_q).abs().max().item() <= (1e-3 if world == "sd" else 1e-6)
+
+
+@pytest.mark.parametrize("split", ["two samplers", "refiner"])
+def test_split_sampling_replays_as_one_ksampler(sd, sd_model, apply, split):
+    """Two KSamplerAdvanced nodes (20 steps: 0 to 12 with leftover noise, then 12 to 20) on the node's model, or
+    on two models each with its own node (a refiner split), replay as one KSampler of 20 steps: each piece is
+    recognised within ComfyUI's 20-step schedule, so its steps keep their p = n / 20."""
+    import comfy.samplers
+    import nodes
+
+    path, steps, cut, seed = sd.files["klora-s*"], 20, 12, 6
+    schedule = fileformat.read(path).schedule
+    assert any(schedule.active(name, 0.0) != schedule.active(name, cut / steps) for name in schedule.layers), \
+        "the second piece would replay differently if it restarted the schedule"
+    positive, negative = sd_conditioning(seed)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (model, _) = apply(sd_model(), path)
+    (whole,) = nodes.KSampler().sample(model, seed, steps, 5.0, "euler", "normal", positive, negative, latent)
+    second = model if split == "two samplers" else apply(sd_model(), path)[0]
+    advanced = nodes.KSamplerAdvanced()
+    (first,) = advanced.sample(model, "enable", seed, steps, 5.0, "euler", "normal", positive, negative, latent, 0,
+                               cut, "enable")
+    (out,) = advanced.sample(second, "disable", seed, steps, 5.0, "euler", "normal", positive, negative, first, cut,
+                             steps, "disable")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    place = pack_module("replay").place_of_run
+    model_sampling = model.get_model_object("model_sampling")
+    assert place(tuple(sigmas[: cut + 1].tolist()), model_sampling) == (0, steps)
+    assert place(tuple(sigmas[cut:].tolist()), model_sampling) == (cut, steps)
+    gap = (out["samples"] - whole["samples"]).abs().max().item()
+    print(f"{split}: max |split - unsplit| = {gap:.1e}")
+    assert gap <= TOLERANCE
+
+
+def test_img2img_denoise_keeps_the_place_of_a_full_run(sd_model, node):
+    """ComfyUI denoises 0.5 of 10 steps as the last 10 steps of a 20-step schedule: p = (10 + n) / 20, as
+    diffusers' img2img reads it."""
+    import comfy.samplers
+
+    model_sampling = sd_model().get_model_object("model_sampling")
+    sampler = comfy.samplers.KSampler(sd_model(), 10, "cpu", "euler", "karras", denoise=0.5)
+    assert pack_module("replay").place_of_run(tuple(sampler.sigmas.tolist()), model_sampling) == (10, 20)
