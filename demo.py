@@ -53,7 +53,9 @@ def replay(base: str, path: str) -> None:
     scheduled = fileformat.read(path)
     folder = Path(path).parent
     pair = read_pair(base, *(str(folder / source.file) for source in scheduled.sources))
-    options = rules.RuleOptions(**{k: scheduled.params[k] for k in ("alpha", "beta")}, pattern=scheduled.params["pattern"])
+    params = scheduled.params
+    options = rules.RuleOptions(alpha=params["alpha"], beta=params["beta"], pattern=params["pattern"],
+                                gamma=params["gamma_mode"], gamma_scale=params.get("gamma_scale", 1.0))
     rule, _ = rules.build(scheduled.method, pair, options)
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)

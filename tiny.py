@@ -204,12 +204,6 @@ ARCHITECTURES = {"sd1": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": ti
                  "sd3": tiny_sd3_pipeline}
 
 
-def save_base(architecture: str, folder: str | Path) -> Path:
-    """Save a tiny pipeline as a diffusers folder, usable as `--base`."""
-    ARCHITECTURES[architecture]().save_pretrained(folder)
-    return Path(folder)
-
-
 def prompt_inputs(pipe, seed: int = 1) -> dict:
     """Keyword arguments that condition `pipe` without tokenizers: random prompt embeddings of the right shapes."""
     name = type(pipe).__name__

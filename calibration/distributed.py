@@ -28,13 +28,6 @@ class Group:
         """This process's items: every size-th one from its rank, so shares differ by at most one item."""
         return items[self.rank :: self.size]
 
-    def wait(self) -> None:
-        """Block until every process of the launch gets here."""
-        if self.size > 1:
-            from accelerate import PartialState
-
-            PartialState().wait_for_everyone()
-
     def gather(self, item) -> list:
         """Every process's `item`, in rank order (on every process)."""
         if self.size == 1:

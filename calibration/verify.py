@@ -141,7 +141,8 @@ class VerifyResult:
             f"deviation   latents max |Δ| {self.latent_max_abs_diff:.3g}, mean |Δ| {self.latent_mean_abs_diff:.3g};"
             f" image PSNR min {self.psnr_db_min:.1f} dB, mean {self.psnr_db_mean:.1f} dB",
             f"time        online {self.seconds_per_image_online:.2f} s/image, replay "
-            f"{self.seconds_per_image_replay:.2f} s/image ({speed:.2f}× faster)",
+            f"{self.seconds_per_image_replay:.2f} s/image ("
+            + (f"{speed:.2f}× faster)" if speed >= 1 else f"{1 / speed:.2f}× slower)"),
         ]
 
 

@@ -20,6 +20,7 @@ Import-light on purpose: torch, safetensors, json (through fileformat and schema
 from __future__ import annotations
 
 import bisect
+import weakref
 from functools import partial
 
 import torch
@@ -33,6 +34,7 @@ from .quiet import collected_loading_messages, key_problems
 
 MODES = ("fused", "unfused")
 ADAPTER_PREFIX = "lorasched_"
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> its ReplayHandle
 
 
 def adapter_names(roles: tuple[str, ...]) -> list[str]:
@@ -219,11 +221,15 @@ class ReplayHandle:
     def _before_denoiser(self, module, args, kwargs):
         p = self.clock(kwargs["timestep"] if "timestep" in kwargs else args[1])
         if p < self._last_p:  # a new pipeline call: the user may have changed adapters in between
-            self._segment = None
-            for track in self.tracks:
-                track.current = None
+            self.reset()
         self._last_p = p
         self.apply(p)
+
+    def reset(self) -> None:
+        """Forget what each layer runs now, so the next `apply` writes every switching layer again."""
+        self._segment = None
+        for track in self.tracks:
+            track.current = None
 
     def apply(self, p: float) -> None:
         """Write the layers whose source at p differs from what they run now."""
@@ -265,5 +271,11 @@ def attach(pipe, path, mode: str = "fused") -> ReplayHandle:
     """
     if mode not in MODES:
         raise LoraschedError(f"{path}: replay mode must be one of {', '.join(MODES)}, not {mode!r}")
+    attached = _ATTACHED.get(pipe)
+    if attached is not None and attached.attached:
+        raise LoraschedError(f"{path}: this pipeline already replays {attached.file.path}; detach it first (two "
+                             "schedules on one pipeline would rewrite each other's layers)")
     scheduled = fileformat.read(path, with_tensors=True)
-    return ReplayHandle(pipe, scheduled, mode)
+    handle = ReplayHandle(pipe, scheduled, mode)
+    _ATTACHED[pipe] = handle
+    return handle

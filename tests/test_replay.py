@@ -124,9 +124,7 @@ def test_fused_replay_keeps_bf16_weights_free_of_drift(merged, tiny_base):
         handle.apply(p)
     handle.apply(0.3)
     after_many = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    handle._segment = None
-    for track in handle.tracks:
-        track.current = None
+    handle.reset()
     handle.apply(0.3)
     assert all(torch.equal(v, after_many[k]) for k, v in pipe.unet.state_dict().items())
     handle.detach()
@@ -219,3 +217,20 @@ def test_attach_refuses_a_schedule_that_uses_a_source_the_file_lacks(merged, pip
 
     with pytest.raises(LoraschedError, match="whose factors it does not carry"):
         attach(pipe64, _edited(merged[1]["klora-s"][0], tmp_path, edit))
+
+
+def test_a_second_attach_is_refused_until_the_first_detaches(merged, pipe64):
+    """Two schedules on one pipeline would rewrite each other's layers: the second attach names the first file and
+    changes nothing; after detach the pipeline takes a new one."""
+    from lorasched import LoraschedError
+
+    first, second = merged[1]["klora-s"][0], merged[1]["klora-s*"][0]
+    state = {k: v.clone() for k, v in pipe64.unet.state_dict().items()}
+    with attach(pipe64, first):
+        replayed = {k: v.clone() for k, v in pipe64.unet.state_dict().items()}
+        with pytest.raises(LoraschedError, match=f"already replays {first}; detach it first"):
+            attach(pipe64, second)
+        assert all(torch.equal(v, replayed[k]) for k, v in pipe64.unet.state_dict().items())
+    with attach(pipe64, second):
+        pass
+    assert all(torch.equal(v, state[k]) for k, v in pipe64.unet.state_dict().items())
