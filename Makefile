@@ -3,12 +3,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The ComfyUI node's tests run the pinned ComfyUI in ../shared/vendor, which imports torchvision; the index's
-# torchvision needs the index's torch, so those tests get their own venv (see tests/comfyui/requirements.txt).
+# torchvision needs the index's torch, so those tests get their own venv (see tests/comfyui/requirements.txt). The
+# WebUI extension's host tests (reForge, Forge, A1111 in ../shared/vendor) run there too, with what those hosts
+# import beyond ComfyUI's needs (tests/webui/requirements-*.txt).
 COMFY_VENV := .venv-comfy
 COMFY_PY := $(COMFY_VENV)/bin/python
 COMFY_STAMP := $(COMFY_VENV)/.installed
 
-.PHONY: demo test test-main test-comfyui install bench clean packs
+.PHONY: demo test test-main test-comfyui test-webui install bench clean packs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-$(COMFY_STAMP): pyproject.toml tests/comfyui/requirements.txt
+WEBUI_REQUIREMENTS := $(wildcard tests/webui/requirements-*.txt)
+
+$(COMFY_STAMP): pyproject.toml tests/comfyui/requirements.txt $(WEBUI_REQUIREMENTS)
 	test -x $(COMFY_PY) || $(PYTHON) -m venv $(COMFY_VENV)
 	$(COMFY_PY) -m pip install -q --upgrade pip
-	$(COMFY_PY) -m pip install -q -r tests/comfyui/requirements.txt
+	$(COMFY_PY) -m pip install -q -r tests/comfyui/requirements.txt $(addprefix -r ,$(WEBUI_REQUIREMENTS))
 	$(COMFY_PY) -m pip install -q -e '.[test]'
 	touch $(COMFY_STAMP)
 
@@ -39,7 +43,7 @@ demo: $(STAMP)
 		--seeds 100,101 --resolution 32 --subject demo_work/subject.safetensors --style demo_work/style.safetensors \
 		--report demo_work/report
 
-test: test-main test-comfyui
+test: test-main test-comfyui test-webui
 
 test-main: $(STAMP)
 	$(PY) -m pytest
@@ -47,18 +51,30 @@ test-main: $(STAMP)
 test-comfyui: $(COMFY_STAMP)
 	PYTHONDONTWRITEBYTECODE=1 $(COMFY_PY) -m pytest -c tests/comfyui/pytest.ini tests/comfyui
 
+# Each WebUI host installs its own `modules` package: one pytest process per host.
+WEBUI_HOSTS := $(patsubst tests/webui/test_%.py,%,$(wildcard tests/webui/test_*.py))
+test-webui: $(COMFY_STAMP)
+	for host in $(WEBUI_HOSTS); do \
+		PYTHONDONTWRITEBYTECODE=1 $(COMFY_PY) -m pytest -c tests/webui/pytest.ini tests/webui/test_$$host.py || exit 1; \
+	done
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_replay
 	$(PY) -m benchmarks.bench_merge
 	$(PY) -m benchmarks.bench_calibration
 	$(PY) -m benchmarks.bench_eval
 
-# The node pack and the WebUI extension install alone, so each carries a verbatim copy of the one file reader;
+# The node pack and the WebUI extension install alone, so each carries verbatim copies of the one file reader
+# (merge/schema.py) and of the ComfyUI-patcher replay the node and reForge share (comfyui-lorasched/patching.py);
 # tests/test_layout.py checks the copies are equal.
-SCHEMA_COPIES := comfyui-lorasched/schema.py
-packs: $(SCHEMA_COPIES)
+PACK_COPIES := comfyui-lorasched/schema.py sd-webui-lorasched/lorasched_webui/schema.py \
+	sd-webui-lorasched/lorasched_webui/patching.py
+packs: $(PACK_COPIES)
 
-$(SCHEMA_COPIES): merge/schema.py
+comfyui-lorasched/schema.py sd-webui-lorasched/lorasched_webui/schema.py: merge/schema.py
+	cp $< $@
+
+sd-webui-lorasched/lorasched_webui/patching.py: comfyui-lorasched/patching.py
 	cp $< $@
 
 clean:

@@ -3,77 +3,26 @@ LoRA loader; the denoiser gets one `ScheduledLoRA` patch per layer and the `Repl
 
 from __future__ import annotations
 
-import math
 import os
 
 import comfy.lora
 import comfy.sd
-import comfy.utils
 import folder_paths
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from .replay import Replay, ScheduledLoRA, train_timesteps
-from .schema import FormatError, Layer, ScheduledFile, read
+from .patching import scheduled_patches, targets
+from .replay import HOST, Replay, ScheduledLoRA
+from .schema import Layer, ScheduledFile, read
 
 WRAPPER_KEY = "lorasched"
-
-
-def _weight_key(target) -> str:
-    """A ComfyUI key-map value is a weight name, or (name, offset[, function]) for a slice of a fused weight."""
-    return target if isinstance(target, str) else target[0]
-
-
-def _targets(scheduled: ScheduledFile, modules: list[Layer], key_map: dict, model, what: str) -> dict[str, object]:
-    """Each module's key-map target, after checking that every key maps and every delta fits its weight."""
-    targets = {module.name: key_map.get(module.key) for module in modules}
-    unmapped = [module.key for module in modules if targets[module.name] is None]
-    architecture = scheduled.metadata.get("ss_base_model_version", "unknown")
-    name = type(getattr(model, "model_config", model)).__name__
-    if unmapped:
-        raise FormatError(f"{scheduled.path}: {len(unmapped)} of {len(modules)} {what} layers have no weight in this {what} "
-                                    f"({name}) under ComfyUI's LoRA key map, e.g. {', '.join(unmapped[:3])}; the file "
-                                    f"is for {architecture} (ss_base_model_version): use a model of that architecture")
-    for module in modules:
-        target = targets[module.name]
-        shape = list(comfy.utils.get_attr(model, _weight_key(target)).shape)
-        if not isinstance(target, str):
-            dim, _, length = target[1]
-            shape[dim] = length
-        down, up = next(iter(module.factors.values()))
-        if up.shape[0] != shape[0] or up.shape[0] * math.prod(down.shape[1:]) != math.prod(shape):
-            raise FormatError(f"{scheduled.path}: {module.key} is {up.shape[0]}x{math.prod(down.shape[1:])} but the {what} "
-                                        f"weight {_weight_key(target)} of {name} is {'x'.join(map(str, shape))}; the "
-                                        f"file is for a {architecture} model of another size")
-    return targets
-
-
-def _source_lora(modules: list[Layer], source: int) -> dict[str, torch.Tensor]:
-    """One source's factors as a plain LoRA state dict (no alphas: scale 1) under the file's own keys."""
-    lora = {}
-    for module in modules:
-        if source in module.factors:
-            down, up = module.factors[source]
-            lora[f"{module.key}.lora_down.weight"] = down
-            lora[f"{module.key}.lora_up.weight"] = up
-    return lora
 
 
 def patch_denoiser(model, scheduled: ScheduledFile, layers: dict[str, Layer], strength: float):
     """A clone of `model` with one ScheduledLoRA per layer and the clock; `model` itself is left as it was.
     Every patch goes in with ComfyUI's `add_patches`; those whose schedule never switches are plain static LoRAs."""
-    modules = [module for module in layers.values() if module.is_denoiser]
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    targets = _targets(scheduled, modules, key_map, model.model, "model")
-    if scheduled.axis == "noise":  # refuse an unsupported sampling now, not at the first step
-        train_timesteps(scheduled.path, model.get_model_object("model_sampling"))
-    adapters = {source: comfy.lora.load_lora(_source_lora(modules, source), key_map, log_missing=False)
-                for source in range(len(scheduled.sources))}
-    patches = {}
-    for module in modules:
-        target = targets[module.name]
-        sources = {source: adapters[source][target] for source in module.factors}
-        patches[target] = ScheduledLoRA.build(_weight_key(target), module, sources)
+    patches = scheduled_patches(HOST, ScheduledLoRA, scheduled, layers, model.model,
+                                model.get_model_object("model_sampling"))
     patched = model.clone()
     patched.add_patches(patches, strength)
     switching = [patch for patch in patches.values() if patch.module.switches]
@@ -90,8 +39,8 @@ def patch_text_encoders(clip, scheduled: ScheduledFile, layers: dict[str, Layer]
     modules = [module for module in layers.values() if not module.is_denoiser and module.phases[0][1]]
     if not modules:
         return clip
-    _targets(scheduled, modules, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), clip.cond_stage_model,
-             "text encoder")
+    targets(HOST, scheduled, modules, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}),
+            clip.cond_stage_model, "text encoder")
     lora = {}
     for module in modules:
         active = module.phases[0][1]

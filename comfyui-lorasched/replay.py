@@ -1,19 +1,11 @@
-"""Replaying a schedule with ComfyUI's own machinery: one weight patch per layer, a clock in two wrappers.
+"""The ComfyUI node's clock: where each model evaluation sits on the schedule, read from the sampler's sigmas.
 
-- `ScheduledLoRA` is a weight patch (a `WeightAdapterBase`, added with `ModelPatcher.add_patches`) whose delta is
-  the sum of its layer's active sources (any number of them, or none), computed by ComfyUI's own `LoRAAdapter`s.
-  ComfyUI applies it wherever it applies a LoRA: into the weight when it loads the model, or at every call for
-  layers it leaves in low-VRAM mode (`LowVramPatch` calls `comfy.lora.calculate_weight` on the patch list each
-  time), so both follow the schedule.
-- `Replay` is the clock: a `SAMPLER_SAMPLE` wrapper notes which sampler runs, a `PREDICT_NOISE` wrapper (once per
-  model evaluation, before its cond and uncond calls) maps the evaluation's sigma onto the schedule's axis and,
-  when a switch point is crossed, flips the switching patches and rewrites only the weights whose sources changed,
-  from ComfyUI's own exact backup of the original (`rewrite`).
-
-Newer ComfyUI's dynamic VRAM (`ModelPatcherDynamic`) applies patches at every weight cast, from copies of each
-patch rebuilt as `type(patch)(loaded_keys, weights)`, and keeps a patched copy in VRAM between casts: the patch is
-built that way with its live state shared by every copy, and a switch clears the cached copy (`forget_cast`)
-instead of writing in place. Nothing relies on an in-place write a cast-time path would bypass.
+The patches and the writes at a switch are patching.py's, shared with the WebUI extension's reForge host; here
+ComfyUI's modules are handed to them (`HOST`, `ScheduledLoRA`). `Replay` is the clock: a `SAMPLER_SAMPLE` wrapper
+notes which sampler runs, a `PREDICT_NOISE` wrapper (once per model evaluation, before its cond and uncond calls)
+maps the evaluation's sigma onto the schedule's axis and lets the `Switcher` flip the switching patches when a
+change point is crossed. A run is placed within the whole schedule it was cut from (`place_of_run`), so a run split
+over samplers replays as one.
 """
 
 from __future__ import annotations
@@ -33,7 +25,11 @@ import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from .schema import FormatError, Layer, Selection
+from .patching import Host, Switcher, noise_levels, patch_class
+
+HOST = Host(float=comfy.float, lora=comfy.lora, model_management=comfy.model_management,
+            model_patcher=comfy.model_patcher, model_sampling=comfy.model_sampling, utils=comfy.utils)
+ScheduledLoRA = patch_class(WeightAdapterBase)
 
 # Samplers whose extra evaluations inside step n can land on the next step's sigma S[n+1] (Heun's corrector, Heun++'s
 # look-aheads at S[n+1] and S[n+2], and the ancestral midpoint sqrt(S[n] * sigma_down), which is S[n+1] at eta = 1),
@@ -43,127 +39,6 @@ LOOKAHEAD_SAMPLERS = tuple(getattr(comfy.k_diffusion.sampling, f"sample_{name}")
 SIGMA_TOLERANCE = 1e-6  # relative: a sampler's sigma equals the schedule's entry up to float noise
 SEARCH_FACTOR = 5  # a run of n steps is looked for in schedules of up to 5·n + 50 steps (img2img down to denoise 0.2)
 SEARCH_EXTRA = 50
-
-
-class PatchState:
-    """What a layer's patch shares with every copy ComfyUI makes of it: the weight it patches, its schedule, the
-    order of its sources, and the sources active now (set by the clock)."""
-
-    def __init__(self, key: str, module: Layer, order: Selection) -> None:
-        self.key = key  # the model weight it patches (several modules share one in FLUX's fused qkv)
-        self.module = module
-        self.order = order
-        self.active: Selection = module.phases[0][1]
-
-
-class ScheduledLoRA(WeightAdapterBase):
-    """A weight patch that adds its module's active sources (none: the weight as it is).
-
-    Built as ComfyUI builds its own adapters, `(loaded_keys, weights)`, with `weights` = (the shared PatchState,
-    then one LoRAAdapter per source in its order): newer ComfyUI's cast-time patcher (ModelPatcherDynamic) rebuilds
-    each patch as `type(patch)(patch.loaded_keys, <weights moved to the device>)`, and the copy must still read
-    the live `active`."""
-
-    name = "lorasched"
-
-    def __init__(self, loaded_keys: set[str], weights: tuple) -> None:
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-
-    @classmethod
-    def build(cls, key: str, module: Layer, sources: dict[int, WeightAdapterBase]) -> ScheduledLoRA:
-        """`sources`: ComfyUI LoRAAdapters by source index, c_k already divided out."""
-        order = tuple(sorted(sources))
-        return cls(set(), (PatchState(key, module, order), *(sources[index] for index in order)))
-
-    @property
-    def state(self) -> PatchState:
-        return self.weights[0]
-
-    @property
-    def key(self) -> str:
-        return self.state.key
-
-    @property
-    def module(self) -> Layer:
-        return self.state.module
-
-    @property
-    def active(self) -> Selection:
-        return self.state.active
-
-    @active.setter
-    def active(self, selection: Selection) -> None:
-        self.state.active = selection
-
-    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                         intermediate_dtype=torch.float32, original_weight=None):
-        state, *adapters = self.weights
-        for source in state.active:
-            weight = adapters[state.order.index(source)].calculate_weight(
-                weight, key, strength, strength_model, offset, function, intermediate_dtype, original_weight)
-        return weight
-
-
-def rewrite(patcher, key: str) -> bool:
-    """Recompute one patched weight from ComfyUI's backup of its original, exactly as
-    `ModelPatcher.patch_weight_to_device` does at load (same arithmetic, same rounding seed), so a switched weight
-    is bitwise what a fresh load with the new sources would give: nothing accumulates in fp16/bf16.
-
-    A weight with no backup is not patched in place: ComfyUI left its layer in low-VRAM mode, where `LowVramPatch`
-    recomputes the patches (with the current sources) at every call. Returns whether it wrote.
-    """
-    backup = patcher.backup.get(key)
-    if backup is None:
-        return False
-    if hasattr(comfy.utils.get_attr(patcher.model, key.rsplit(".", 1)[0]), "_v"):
-        return False  # a dynamic-VRAM page: patched at cast time (see `forget_cast`), the backup is not its source
-    weight, set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, key)
-    temp = comfy.model_management.cast_to_device(backup.weight, weight.device, torch.float32, copy=True)
-    if convert_func is not None:
-        temp = convert_func(temp, inplace=True)
-    out = comfy.lora.calculate_weight(patcher.patches[key], temp, key)
-    seed = _rounding_seed(key)
-    if set_func is None:
-        comfy.utils.copy_to_param(patcher.model, key, comfy.float.stochastic_rounding(out, weight.dtype, seed=seed))
-    else:
-        set_func(out, inplace_update=True, seed=seed)
-    return True
-
-
-def forget_cast(patcher, key: str) -> bool:
-    """Newer ComfyUI's dynamic VRAM keeps a layer's patched weight in a VRAM page between casts and patches again
-    only when the page's signature is cleared (what its own `set_dirty` does); clear it for a switched weight so
-    the next cast applies the new sources. A no-op on the classic patcher. Returns whether it cleared one."""
-    if not getattr(patcher, "is_dynamic", lambda: False)():
-        return False
-    module = comfy.utils.get_attr(patcher.model, key.rsplit(".", 1)[0])
-    if not hasattr(module, "_v"):
-        return False
-    module._v_signature = None
-    return True
-
-
-@functools.cache
-def _rounding_seed(key: str) -> int:
-    """ComfyUI's rounding seed of a weight: a CRC in pure Python (~0.1 ms), so computed once per weight."""
-    return comfy.model_patcher.string_to_seed(key)
-
-
-def train_timesteps(path: str, model_sampling) -> float:
-    """T such that q = 1 - t / T for ComfyUI's t = model_sampling.timestep(sigma) equals lorasched's noise axis
-    q = 1 - t_diffusers / T_train: discrete (SD1.x, SDXL) t is the training-step index and T the number of
-    training steps; flow (SD3) t = sigma * multiplier; FLUX t = sigma (diffusers' FLUX t / 1000 is sigma too).
-    Other samplings (EDM, LCM-distilled, cascade) have no such reading: the file `path` is refused on them."""
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
-        return 1.0
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
-        return float(model_sampling.multiplier)
-    if type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
-        return float(len(model_sampling.sigmas))
-    kinds = ", ".join(base.__name__ for base in type(model_sampling).__bases__)
-    raise FormatError(f"{path}: a calibrated (noise-axis) schedule cannot be read on {kinds} sampling; use the model with "
-                      "discrete (SD1.x/SDXL), flow (SD3) or FLUX sampling")
 
 
 # Schedulers in the order a piece of a run is matched against them: where two give the same first sigmas (the first
@@ -216,28 +91,19 @@ def place_of_run(sigmas: tuple[float, ...], model_sampling) -> tuple[int, int]:
     return 0, steps
 
 
-def noise_levels(path: str, sigmas: torch.Tensor, model_sampling) -> list[float]:
-    """q = 1 - t / T of each sigma, t the model's own timestep."""
-    total = train_timesteps(path, model_sampling)
-    return [min(max(1.0 - t / total, 0.0), 1.0) for t in model_sampling.timestep(sigmas).reshape(-1).tolist()]
-
-
-class Replay:
-    """The clock and writer of one node's patches. ComfyUI samples one run at a time, so per-run state lives here.
+class Replay(Switcher):
+    """The clock of one node's patches. ComfyUI samples one run at a time, so per-run state lives here.
 
     Time of a model evaluation at sigma s, with S = sample_sigmas (N + 1 entries, the last 0):
     - `progress`: p = n / N, n the step the evaluation belongs to. A step starts with an evaluation at its own
       sigma S[n], so n is the index of the largest S[k] >= s; that also keeps in-step evaluations between S[n+1]
       and S[n] (dpm_2, dpmpp_sde, seeds) in step n. For LOOKAHEAD_SAMPLERS an evaluation stays in the previous
       one's step when its sigma is lower and the previous one was at a step's own sigma (the look-ahead after it).
-    - `noise`: q = 1 - t / T from the model's own timestep t of s (see `train_timesteps`), per evaluation.
+    - `noise`: q = 1 - t / T from the model's own timestep t of s (`patching.train_timesteps`), per evaluation.
     """
 
-    def __init__(self, path: str, axis: str, patches: list[ScheduledLoRA]) -> None:
-        self.path, self.axis = path, axis
-        self.patches = patches
-        self.change_points = sorted({start for patch in patches for start, _ in patch.module.phases[1:]})
-        self.segment = 0  # index of the interval between change points the patches are set for (all start there)
+    def __init__(self, path: str, axis: str, patches: list) -> None:
+        super().__init__(HOST, path, axis, patches)
         self.lookahead_sampler = False
         self.step = 0
         self.last: tuple[float, bool] | None = None  # the previous evaluation of this run: sigma, at a step's own?
@@ -264,11 +130,8 @@ class Replay:
         else:
             time = self._noise.get(sigma)
             if time is None:  # an in-step evaluation between the run's sigmas
-                time = noise_levels(self.path, timestep.reshape(-1)[:1], guider.inner_model.model_sampling)[0]
-        segment = bisect.bisect_right(self.change_points, time)
-        if segment != self.segment:
-            self.switch(guider.model_patcher, time)
-            self.segment = segment
+                time = noise_levels(HOST, self.path, timestep.reshape(-1)[:1], guider.inner_model.model_sampling)[0]
+        self.advance(guider.model_patcher, time)
         return executor(x, timestep, model_options, seed)
 
     def _read_sigmas(self, sample_sigmas: torch.Tensor, model_sampling) -> None:
@@ -279,7 +142,7 @@ class Replay:
         if self.axis == "progress":
             self._place = place_of_run(tuple(sample_sigmas.float().tolist()), model_sampling)
         if self.axis == "noise":
-            self._noise = dict(zip(starts.tolist(), noise_levels(self.path, starts, model_sampling)))
+            self._noise = dict(zip(starts.tolist(), noise_levels(HOST, self.path, starts, model_sampling)))
 
     def progress(self, sigma: float) -> float:
         at_or_above = len(self._starts) - bisect.bisect_left(self._starts, sigma * (1 - SIGMA_TOLERANCE))
@@ -292,16 +155,3 @@ class Replay:
         self.last = (sigma, own)
         offset, total = self._place
         return (offset + self.step) / total
-
-    def switch(self, patcher, time: float) -> None:
-        """Set every switching patch to its sources at `time`; rewrite the weights of those that changed."""
-        changed = set()
-        for patch in self.patches:
-            selection = patch.module.selection_at(time)
-            if selection != patch.active:
-                patch.active = selection
-                changed.add(patch.key)
-        written = sum(rewrite(patcher, key) for key in sorted(changed))
-        forgotten = sum(forget_cast(patcher, key) for key in sorted(changed))
-        logging.debug("lorasched: time %.4f, %d weights switched, %d rewritten, %d casts forgotten", time, len(changed),
-                      written, forgotten)

@@ -39,7 +39,7 @@ def test_calibration_imports_no_job_and_the_online_reference_not_the_hook():
 def test_the_replay_hook_imports_only_torch_safetensors_and_the_standard_library():
     """At module level, through every lorasched module it pulls in (deployers install no converter extras)."""
     allowed = {"torch", "safetensors", "json", "hashlib", "os", "struct", "tempfile", "math", "bisect", "functools",
-               "dataclasses", "pathlib", "logging", "warnings", "contextlib", "typing", "__future__"}
+               "dataclasses", "pathlib", "logging", "warnings", "contextlib", "typing", "weakref", "__future__"}
     seen, todo = set(), ["replay"]
     while todo:
         module = todo.pop()
@@ -58,15 +58,17 @@ def test_the_replay_hook_imports_only_torch_safetensors_and_the_standard_library
     assert "rules" not in seen and "export" not in seen and "lora_io" not in seen, seen
 
 
-PACK_COPIES = ("comfyui-lorasched/schema.py",)
+PACK_COPIES = {"comfyui-lorasched/schema.py": "merge/schema.py",
+               "sd-webui-lorasched/lorasched_webui/schema.py": "merge/schema.py",
+               "sd-webui-lorasched/lorasched_webui/patching.py": "comfyui-lorasched/patching.py"}
 
 
-def test_the_packs_carry_the_one_schema_module_byte_for_byte():
-    """The node pack and the WebUI extension install alone, so each carries `merge/schema.py`, copied by
-    `make packs`; a copy edited by hand, or a schema change not copied, fails here."""
-    source = (ROOT / "merge" / "schema.py").read_bytes()
-    for copy in PACK_COPIES:
-        assert (ROOT / copy).read_bytes() == source, f"{copy} differs from merge/schema.py: run `make packs`"
+def test_the_packs_carry_the_one_reader_and_patcher_byte_for_byte():
+    """The node pack and the WebUI extension install alone, so each carries copies made by `make packs`: the one
+    file reader, and the ComfyUI-patcher replay the node and reForge share. A copy edited by hand, or a change
+    not copied, fails here."""
+    for copy, source in PACK_COPIES.items():
+        assert (ROOT / copy).read_bytes() == (ROOT / source).read_bytes(), f"{copy} differs from {source}: make packs"
 
 
 def test_the_schema_module_stands_alone():

@@ -12,6 +12,7 @@ the node's rewrite of one switching weight from ComfyUI's backup.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import tempfile
@@ -66,7 +67,7 @@ def main() -> None:
         folder_paths.add_model_folder_path("loras", str(world.folder))
         assert asyncio.run(nodes.load_custom_node(str(conftest.NODE_PACK)))
         node = nodes.NODE_CLASS_MAPPINGS["LoraschedLoadScheduledLora"]()
-        rewrite = conftest.pack_module("replay").rewrite
+        rewrite = functools.partial(conftest.pack_module("patching").rewrite, conftest.pack_module("replay").HOST)
         print(f"{'file':<10} {'steps':>5} {'bare':>7} {'LoraLoader':>10} {'node':>7} {'node/LoraLoader':>15} "
               f"{'in node':>9} {'per write':>9}")
         for name in ("klora-s", "klora-s*", "feature-kl"):

@@ -6,6 +6,8 @@ without any LoRA (switch, windows), and a format-1 file."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import pack_module
@@ -154,7 +156,7 @@ def test_noise_axis_reads_lorasched_clock_value(request, node, world):
     """The node's q for a sigma, from ComfyUI's own timestep of it, is the q lorasched's diffusers clock reads from
     the timestep diffusers calls the denoiser with at that sigma: SD's UNet gets t (ComfyUI rounds it to the
     nearest training step: within 1/1000), FLUX's transformer gets t / 1000 = sigma (equal)."""
-    noise_levels = pack_module("replay").noise_levels
+    noise_levels = functools.partial(pack_module("patching").noise_levels, pack_module("replay").HOST)
     pipe = getattr(request.getfixturevalue(world), "pipe")
     model_sampling = request.getfixturevalue(f"{world}_model")().get_model_object("model_sampling")
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)

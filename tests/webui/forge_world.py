@@ -47,18 +47,12 @@ def _module(name: str, **attributes) -> types.ModuleType:
     return module
 
 
-class _Options(SimpleNamespace):
-    """`shared.opts` with the values a default WebUI has for what this path reads."""
-
-
-OPTS = _Options(
-    sd_lora="None", lora_add_hashes_to_infotext=False, lora_preferred_name="Alias from file",
-    lora_in_memory_limit=0, extra_networks_default_multiplier=1.0, lora_functional=False,
-    skip_early_cond=0.0, s_min_uncond_all=False, always_discard_next_to_last_sigma=False,
-    use_old_karras_scheduler_sigmas=False, sigma_min=0.0, sigma_max=0.0, rho=0.0, sgm_noise_multiplier=False,
-    eta_ancestral=1.0, eta_noise_seed_delta=0, live_previews_enable=False, show_progress_every_n_steps=-1,
-    no_dpmpp_sde_batch_determinism=False, img2img_fix_steps=False, hires_fix_refiner_pass="second pass",
-    beta_dist_alpha=0.6, beta_dist_beta=0.6, s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0,
+# `shared.opts`: a default WebUI's values of the options this path reads
+OPTS = SimpleNamespace(
+    sd_lora="None", lora_add_hashes_to_infotext=False, skip_early_cond=0.0, s_min_uncond_all=False,
+    always_discard_next_to_last_sigma=False, use_old_karras_scheduler_sigmas=False, sigma_min=0.0, sigma_max=0.0,
+    rho=0.0, sgm_noise_multiplier=False, eta_ancestral=1.0, live_previews_enable=False,
+    show_progress_every_n_steps=-1, s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0,
 )
 
 
@@ -71,14 +65,15 @@ def _stub_shell(lora_dir: Path) -> None:
             total_tqdm=SimpleNamespace(update=lambda: None),
             walk_files=lambda path, allowed_extensions: [str(f) for f in Path(path).rglob("*")
                                                          if f.suffix in allowed_extensions])
-    _module("modules.sd_models", model_data=SimpleNamespace(get_sd_model=lambda: sys.modules["modules.shared"].sd_model),
+    shared = sys.modules["modules.shared"]
+    _module("modules.sd_models", model_data=SimpleNamespace(get_sd_model=lambda: shared.sd_model),
             read_metadata_from_safetensors=_read_metadata)
     _module("modules.scripts", scripts_txt2img=SimpleNamespace(infotext_fields=[]))
     _module("modules.cache", cached_data_for_file=lambda subsection, title, filename, func: func())
     _module("modules.hashes", sha256_from_cache=lambda *args, **kwargs: None, sha256=lambda *args, **kwargs: None)
-    for name in ("images", "sd_vae_approx", "sd_vae_taesd", "sd_samplers", "extensions", "util"):
+    for name in ("images", "sd_vae_approx", "sd_vae_taesd", "sd_samplers", "util"):
         _module(f"modules.{name}")
-    sys.modules["modules.extensions"].extensions = []
+    _module("modules.extensions", extensions=[])
     _module("modules_forge.main_entry")
     _module("fastapi", FastAPI=type("FastAPI", (), {}))
     _module("gradio", Blocks=type("Blocks", (), {}))
@@ -115,7 +110,7 @@ def forge(lora_dir: Path) -> SimpleNamespace:
         from backend.patcher.clip import CLIP
         from backend.patcher.lora import model_lora_keys_unet
         from backend.patcher.unet import UnetPatcher
-        from modules import extra_networks, prompt_parser, sd_samplers_kdiffusion
+        from modules import extra_networks, prompt_parser, sd_samplers_kdiffusion, sd_samplers_timesteps
         from packages_3rdparty.comfyui_lora_collection.utils import unet_to_diffusers
 
         import extra_networks_lora
@@ -128,7 +123,9 @@ def forge(lora_dir: Path) -> SimpleNamespace:
         memory_management=memory_management, operations=operations, utils=utils, ForgeObjects=ForgeObjects,
         IntegratedCLIP=IntegratedCLIP, IntegratedUNet2DConditionModel=IntegratedUNet2DConditionModel, CLIP=CLIP,
         UnetPatcher=UnetPatcher, model_lora_keys_unet=model_lora_keys_unet, extra_networks=extra_networks,
-        prompt_parser=prompt_parser, samplers=sd_samplers_kdiffusion, unet_to_diffusers=unet_to_diffusers,
+        prompt_parser=prompt_parser, unet_to_diffusers=unet_to_diffusers,
+        samplers={data.name: data for data in (*sd_samplers_kdiffusion.samplers_data_k_diffusion,
+                                               *sd_samplers_timesteps.samplers_data_timesteps)},
         networks=networks, host=host, shared=sys.modules["modules.shared"])
     return _imported
 
@@ -190,8 +187,9 @@ class TinySD:
 
     def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
         self.memory_management.load_model_gpu(self.forge_objects.clip.patcher)
-        return torch.stack([torch.randn(TOKENS, WIDTH, generator=torch.Generator().manual_seed(zlib.crc32(text.encode())))
-                            for text in prompts])
+        seeds = [zlib.crc32(text.encode()) for text in prompts]
+        return torch.stack([torch.randn(TOKENS, WIDTH, generator=torch.Generator().manual_seed(seed))
+                            for seed in seeds])
 
 
 class _RNG:
@@ -210,17 +208,18 @@ def processing(sd_model, prompt: str, steps: int, sampler: str, seed: int, cfg: 
         sd_model=sd_model, prompt=prompt, all_prompts=[prompt], negative_prompt="", steps=steps, cfg_scale=cfg,
         sampler_name=sampler, scheduler="Automatic", hr_scheduler=None, is_hr_pass=False, enable_hr=False,
         seeds=[seed], all_seeds=[seed], subseeds=[seed], iteration=0, batch_size=1, rng=_RNG(seed), eta=None,
-        s_min_uncond=0.0, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, sampler_noise_scheduler_override=None,
-        extra_generation_params={}, refiner_switch_at=None, refiner_checkpoint_info=None, hr_cfg=cfg, sampler=None,
-        disable_extra_networks=False, scripts=None, comment=lambda text: None)
+        s_min_uncond=0.0, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+        sampler_noise_scheduler_override=None, extra_generation_params={}, refiner_switch_at=None,
+        refiner_checkpoint_info=None, hr_cfg=cfg, sampler=None, disable_extra_networks=False, scripts=None,
+        comment=lambda text: None)
 
 
 def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Euler", seed: int = 0,
-             cfg: float = 5.0, script: bool = True, before_sampling=None) -> torch.Tensor:
+             cfg: float = 5.0, script: bool = True, before_sampling=None, timings: list | None = None) -> torch.Tensor:
     """One txt2img batch as Forge runs it: the prompt's extra networks activated (`<lora:NAME:S>` loads through
     Forge's LoRA extension), conditioning, the k-diffusion sampler; `script`: with the extension's calls where its
     Script runs (`check_loaded` in process_batch, `attach` in process_before_every_sampling).
-    `before_sampling(p)` runs after those, as another script would."""
+    `before_sampling(p)` runs after those, as another script would; `timings` gets the sampler run's seconds."""
     f, sd_model = world.forge, world.sd_model
     f.shared.sd_model = sd_model
     p = processing(sd_model, prompt, steps, sampler, seed, cfg)
@@ -233,7 +232,7 @@ def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
         f.host.check_loaded(p)
     c = f.prompt_parser.get_multicond_learned_conditioning(sd_model, prompts, steps)
     uc = f.prompt_parser.get_learned_conditioning(sd_model, [p.negative_prompt], steps)
-    config = f.samplers.k_diffusion_samplers_map[sampler]
+    config = f.samplers[sampler]
     p.sampler = config.constructor(sd_model)
     p.sampler.config = config
     x = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
@@ -242,7 +241,10 @@ def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
         f.host.attach(p)
     if before_sampling is not None:
         before_sampling(p)
+    start = time.perf_counter()
     samples = p.sampler.sample(p, x, c, uc, image_conditioning=None)
+    if timings is not None:
+        timings.append(time.perf_counter() - start)
     f.extra_networks.deactivate(p, network_data)
     return samples
 
@@ -290,7 +292,8 @@ def make_files(folder: Path) -> SimpleNamespace:
                 steps=KLORA_STEPS, device="cpu")
     merge_loras(str(base), three, str(out / "switch3.safetensors"), "switch", rules.RuleOptions(period=2),
                 steps=KLORA_STEPS, device="cpu")
-    return SimpleNamespace(klora=out / "klora.safetensors", switch3=out / "switch3.safetensors", folder=folder)
+    return SimpleNamespace(klora=out / "klora.safetensors", switch3=out / "switch3.safetensors", folder=folder,
+                           inputs=paths)
 
 
 class HandSetWeights:
@@ -314,6 +317,21 @@ class HandSetWeights:
                           for source, (down, up) in factors[name].items()}
                 self.parts[key_map[record.key]] = (name, deltas)
         self.originals = {key: self.parameters[key].detach().clone() for key in self.parts}
+        self.key_map = key_map
+
+    @torch.no_grad()
+    def add_plain(self, path: Path, strength: float) -> None:
+        """A plain kohya LoRA under the schedule, by hand: strength · alpha / rank · up @ down on every weight."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        for name in tensors:
+            if name.startswith("lora_unet_") and name.endswith(".lora_up.weight"):
+                key = name[: -len(".lora_up.weight")]
+                up, down = tensors[name], tensors[f"{key}.lora_down.weight"]
+                delta = strength * (float(tensors[f"{key}.alpha"]) / down.shape[0]) * (up @ down)
+                target = self.originals.get(self.key_map[key], self.parameters[self.key_map[key]])
+                target += delta.reshape(target.shape)
 
     @torch.no_grad()
     def set(self, time: float) -> None:
@@ -327,12 +345,15 @@ class HandSetWeights:
 EVALS_PER_STEP = {"Euler": 1, "Heun": 2}  # model evaluations per step (the last, to sigma 0, takes one)
 
 
-def reference(path: Path, prompt: str, strength: float, steps: int, sampler: str,
-              seed: int = 0) -> torch.Tensor:
+def reference(path: Path, prompt: str, strength: float, steps: int, sampler: str, seed: int = 0,
+              plain: tuple[Path, float] | None = None) -> torch.Tensor:
     """Sample a fresh world without the file, its weights set by hand before each evaluation to the schedule at
-    p = n / N of the evaluation's step (read off the sampler's structure, not its sigmas)."""
+    p = n / N of the evaluation's step (read off the sampler's structure, not its sigmas); `plain`: a kohya LoRA
+    and its strength, added by hand to the weights underneath."""
     world = make_world(path.parent)
     weights = HandSetWeights(world, path, strength)
+    if plain is not None:
+        weights.add_plain(*plain)
     per_step = EVALS_PER_STEP[sampler]
     calls = iter([n for n in range(steps) for _ in range(per_step if n < steps - 1 else 1)])
 
@@ -350,31 +371,22 @@ def reference(path: Path, prompt: str, strength: float, steps: int, sampler: str
     return out
 
 
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def measure(steps: int = 20, repeats: int = 5, sampler: str = "Euler") -> dict:
-    """Seconds per step of the tiny model sampling the K-LoRA file replayed by the extension vs the same file as
-    Forge's plain LoRA (its static mix), and without any LoRA: fastest of `repeats` runs of each, in turns."""
+def measure(steps: int = 20, repeats: int = 7, sampler: str = "Euler") -> dict:
+    """Seconds per step of the tiny model's sampler run (`KDiffusionSampler.sample`: Forge's model load and LoRA
+    merge, then every step) with the K-LoRA file replayed by the extension vs the same file as Forge's plain LoRA
+    (its static mix), and without a LoRA: fastest of `repeats` rounds. The two LoRA runs alternate, so each starts
+    from the other's weights and pays one merge, as a user switching between them would."""
     with tempfile.TemporaryDirectory() as folder:
         files = make_files(Path(folder))
         world = make_world(files.klora.parent)
         prompt = f"a photo <lora:{files.klora.stem}:1>"
-        runs = {"replay": lambda: generate(world, prompt, steps, sampler, script=True),
-                "plain_lora": lambda: generate(world, prompt, steps, sampler, script=False),
-                "bare": lambda: generate(world, "a photo", steps, sampler, script=False)}
-        for run in runs.values():
-            run()  # warm-up: first loads, caches
+        runs = {"replay": (prompt, True), "plain_lora": (prompt, False), "bare": ("a photo", False)}
         best = {name: float("inf") for name in runs}
-        for _ in range(repeats):
-            for name, run in runs.items():
-                best[name] = min(best[name], _time(run, 1))
-    per_step = {name: seconds / steps for name, seconds in best.items()}
-    return {"steps": steps, "sampler": sampler, "seconds_per_step": per_step,
+        for index in range(repeats + 1):  # the first round warms up (file reads, caches)
+            for name, (text, script) in runs.items():
+                seconds: list[float] = []
+                generate(world, text, steps, sampler, script=script, timings=seconds)
+                if index:
+                    best[name] = min(best[name], seconds[0])
+    return {"steps": steps, "sampler": sampler, "seconds_per_step": {name: t / steps for name, t in best.items()},
             "replay_over_plain_lora": best["replay"] / best["plain_lora"]}

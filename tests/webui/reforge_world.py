@@ -16,6 +16,7 @@ file as a plain LoRA.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import sys
 import tempfile
@@ -32,6 +33,7 @@ EXTENSION = REPO / "sd-webui-lorasched"
 CPU = torch.device("cpu")
 KLORA_STEPS = 8  # the reference step count written into the files
 CFG = 5.0
+DENOISE = 0.5  # the hires pass's denoising strength
 
 # The options the code paths exercised here read (reForge's defaults), and the shell's state object.
 OPTIONS = {
@@ -48,7 +50,7 @@ OPTIONS = {
 
 
 class Options(dict):
-    """`shared.opts`: attribute access over OPTIONS; an option not listed is missing, as `getattr(opts, x, d)` expects."""
+    """`shared.opts`: attribute access over OPTIONS; an option not listed is missing (`getattr(opts, x, d)`)."""
 
     def __getattr__(self, name: str):
         try:
@@ -96,10 +98,12 @@ _HOST: SimpleNamespace | None = None
 
 
 def install_host(lora_dir: Path) -> SimpleNamespace:
-    """Import the vendored reForge (once) with the shell stubbed; `lora_dir` is the WebUI's models/Lora folder."""
+    """Import the vendored reForge (once) with the shell stubbed; `lora_dir` is the WebUI's models/Lora folder,
+    scanned for networks as the Lora extension does at start (again on each call: put the files there first)."""
     global _HOST
     if _HOST is not None:
         _HOST.shared.cmd_opts.lora_dir = str(lora_dir)
+        _HOST.networks.list_available_networks()
         return _HOST
     sys.dont_write_bytecode = True  # the vendored tree is read-only in CI
     sys.path[:0] = [str(REFORGE), str(REFORGE / "extensions-builtin" / "Lora"), str(EXTENSION)]
@@ -137,20 +141,35 @@ def install_host(lora_dir: Path) -> SimpleNamespace:
     import ldm_patched.modules.supported_models
     import ldm_patched.modules.utils
     import networks
-    from modules import extra_networks, prompt_parser, script_callbacks, sd_samplers_common, sd_samplers_kdiffusion
+    from modules import extra_networks, script_callbacks, sd_samplers_kdiffusion
     from modules_forge.unet_patcher import UnetPatcher
 
     networks.extra_network_lora = extra_networks_lora.ExtraNetworkLora()  # what lora_script.before_ui does
     extra_networks.register_extra_network(networks.extra_network_lora)
     from lorasched_webui import reforge
 
+    script_callbacks.on_cfg_denoiser(reforge.on_cfg_denoiser, name="lorasched")  # as the extension's Script does
+    atexit.register(_release)
     _HOST = SimpleNamespace(shared=shared, networks=networks, extra_networks=extra_networks,
-                            prompt_parser=prompt_parser, script_callbacks=script_callbacks,
-                            samplers=sd_samplers_kdiffusion, common=sd_samplers_common, UnetPatcher=UnetPatcher,
+                            script_callbacks=script_callbacks, samplers=sd_samplers_kdiffusion, UnetPatcher=UnetPatcher,
                             lora=ldm_patched.modules.lora, utils=ldm_patched.modules.utils,
                             detection=ldm_patched.modules.model_detection,
                             supported_models=ldm_patched.modules.supported_models, reforge=reforge)
     return _HOST
+
+
+def _release() -> None:
+    """At exit, while the modules still exist: unload and drop every patcher (ModelPatcher.__del__ reads module
+    globals that interpreter shutdown has already cleared), including the extension's cached clone."""
+    import gc
+
+    import ldm_patched.modules.model_management
+
+    ldm_patched.modules.model_management.unload_all_models()
+    ldm_patched.modules.model_management.current_loaded_models.clear()
+    _HOST.shared.sd_model = None
+    _HOST.reforge._built = None
+    gc.collect()
 
 
 def reforge_unet(unet):
@@ -210,7 +229,8 @@ def processing(model: SimpleNamespace, prompt: str, steps: int, sampler: str, se
                            hr_scheduler=None, is_hr_pass=False, hr_cfg=CFG, sampler_noise_scheduler_override=None,
                            extra_generation_params={}, eta=None, s_min_uncond=0.0, s_churn=0.0, s_tmin=0.0,
                            s_tmax=None, s_noise=1.0, refiner_switch_at=None, refiner_checkpoint_info=None,
-                           disable_extra_networks=False, scripts=None, rng=None, denoising_strength=0.5,
+                           disable_extra_networks=False, scripts=None, rng=None, denoising_strength=DENOISE,
+                           hr_second_pass_steps=0,
                            mask=None, nmask=None, image_cfg_scale=None, **fields)
 
 
@@ -229,7 +249,7 @@ def generate(model: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
     """One batch as processing.py runs it: `<lora:…>` activated by the extra-networks registry, the denoiser
     copied from forge_objects_after_applying_lora before each sampling, process_before_every_sampling (the
     extension, unless `replay` is False: the file stays the Lora extension's plain static mix), the sampler;
-    with `hires_steps`, a latent-upscale hires pass (img2img at denoising 0.5) of that many steps."""
+    with `hires_steps`, a latent-upscale hires pass of that many steps (img2img at DENOISE)."""
     host = _HOST
     host.shared.sd_model = model
     p = processing(model, prompt, steps, sampler, seed)
@@ -249,7 +269,7 @@ def generate(model: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
     samples = sample("sample", noise, c, uc)
     if hires_steps is None:
         return samples
-    p.is_hr_pass = True
+    p.is_hr_pass, p.hr_second_pass_steps = True, hires_steps
     upscaled = torch.nn.functional.interpolate(samples, scale_factor=2, mode="nearest")
     hires_noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed + 1))
     return sample("sample_img2img", upscaled, hires_noise, c, uc, steps=hires_steps)
@@ -259,7 +279,7 @@ def make_files(folder: Path) -> SimpleNamespace:
     """lorasched's tiny SD pipeline (saved as the merge base) and files merged by lorasched from random kohya
     LoRAs (denoiser only: the test model has no text encoder): a K-LoRA `s*` pair (layers switching between the
     subject and the style) and an N-way `windows` file of two subjects and a style (subjects on [0, 0.3), styles
-    on [0.6, 1): LoRA-free phases between), and a plain LoRA."""
+    on [0.6, 1): LoRA-free phases between), a calibrated feature-kl pair (noise axis), and a plain LoRA."""
     from lorasched.convert import Calibration, merge_loras
     from lorasched.merge import rules
     from lorasched.merge.checks import LoraSpec
@@ -276,16 +296,19 @@ def make_files(folder: Path) -> SimpleNamespace:
         save_file(tensors, folder / f"{name}.safetensors")
     spec = {name: str(folder / f"{name}.safetensors") for name in loras}
 
-    def merge(output: str, specs: list, method: str, **options) -> Path:
+    def merge(output: str, specs: list, method: str, calibration: Calibration = Calibration(), **options) -> Path:
         merge_loras(str(folder / "base"), specs, str(folder / output), method, rules.RuleOptions(**options),
-                    steps=KLORA_STEPS, device="cpu", calibration=Calibration())
+                    steps=KLORA_STEPS, device="cpu", calibration=calibration)
         return folder / output
 
+    pair = [LoraSpec(spec["subject"], SUBJECT), LoraSpec(spec["style"], STYLE)]
+
     files = {
-        "klora": merge("klora.safetensors", [LoraSpec(spec["subject"], SUBJECT), LoraSpec(spec["style"], STYLE)],
-                       "klora", pattern="s*"),
+        "klora": merge("klora.safetensors", pair, "klora", pattern="s*"),
         "nway": merge("nway.safetensors", [LoraSpec(spec["subject"], SUBJECT), LoraSpec(spec["subject2"], SUBJECT),
                                            LoraSpec(spec["style"], STYLE)], "windows", windows=(0.3, 0.6)),
+        "feature-kl": merge("feature_kl.safetensors", pair, "feature-kl", Calibration(
+            prompts=("a photo of sks dog",), seeds=(0, 1), size=32, guidance=5.0)),
     }
     return SimpleNamespace(pipe=pipe, files=files, plain=folder / "style.safetensors", folder=folder)
 
@@ -297,7 +320,7 @@ def rewritten(path: Path, output: Path, *, version: str | None = None, tamper: b
     of another architecture (FLUX double-block names; hash recomputed)."""
     import json
 
-    from lorasched_webui.schema import KEY_MODULES, KEY_TENSOR_HASH, KEY_VERSION, tensor_sha256
+    from lorasched.merge.schema import KEY_MODULES, KEY_TENSOR_HASH, KEY_VERSION, tensor_sha256
     from safetensors.torch import load_file, save_file
 
     tensors, metadata = load_file(path), dict(_read_metadata(str(path)))
@@ -321,3 +344,117 @@ def rewritten(path: Path, output: Path, *, version: str | None = None, tamper: b
         metadata[KEY_VERSION] = version
     save_file(tensors, output, metadata)
     return output
+
+
+# Model evaluations per step, read off ldm_patched/k_diffusion/sampling.py (the last step, ending at sigma 0, takes
+# one): the reference's own account of which step an evaluation belongs to.
+EVALS_PER_STEP = {"Euler": 1, "Heun": 2}
+
+
+class HandSetWeights:
+    """Writes a model's scheduled weights for a point on the schedule's time axis with plain torch: original +
+    strength * the active sources' deltas, read by lorasched itself (`fileformat.read`, `source_factors`, its
+    `Schedule`); ldm_patched's key map only says which weight a key patches."""
+
+    def __init__(self, unet, path: Path, strength: float) -> None:
+        from lorasched.merge import fileformat
+        from lorasched.merge.replay import source_factors
+
+        scheduled = fileformat.read(path, with_tensors=True)
+        self.schedule = scheduled.schedule
+        factors = source_factors(scheduled)
+        key_map = _HOST.lora.model_lora_keys_unet(unet.model, {})
+        self.model = unet.model
+        self.parts: dict[str, list] = {}  # model weight -> [(module, {source index: strength * ΔW})]
+        for name in self.schedule.layers:
+            if name.startswith("unet."):
+                deltas = {source: strength * (up.flatten(1) @ down.flatten(1))
+                          for source, (down, up) in factors[name].items()}
+                self.parts.setdefault(key_map[scheduled.modules[name].key], []).append((name, deltas))
+        self.originals = {key: _HOST.utils.get_attr(self.model, key).detach().clone() for key in self.parts}
+
+    def set(self, time: float) -> None:
+        for key, parts in self.parts.items():
+            weight = self.originals[key].clone()
+            for name, deltas in parts:
+                for source in self.schedule.active(name, time):
+                    weight += deltas[source].reshape(weight.shape)
+            _HOST.utils.get_attr(self.model, key).data.copy_(weight)
+
+
+def reference(pipe, path: Path, strength: float, steps: int, sampler: str = "Euler", seed: int = 0,
+              hires_steps: int | None = None) -> torch.Tensor:
+    """The same generation on a fresh model of the same weights with no LoRA in the prompt, each evaluation's
+    weights set by hand: for p = n / N of its step, n counted from the sampler's structure (EVALS_PER_STEP) in each
+    sampling run; the hires pass's steps are the last `hires_steps` of a schedule of hires_steps / DENOISE steps
+    (how reForge cuts an img2img run, sd_samplers_common.setup_img2img_steps). On the noise axis: q = 1 - t / 1000
+    of the evaluation's own sigma, t the model's discrete timestep of it."""
+    model = sd_model(reforge_unet(pipe.unet))
+    weights = HandSetWeights(model.forge_objects.unet, path, strength)
+    runs = [(0, steps, steps)]  # per sampling run: (first step, steps, schedule length)
+    if hires_steps:
+        runs.append((int(hires_steps / DENOISE) - hires_steps, hires_steps, int(hires_steps / DENOISE)))
+    plan: dict[object, list[float]] = {}  # sampling run (its CFG denoiser) -> remaining evaluation times
+
+    def set_weights(params) -> None:
+        if params.denoiser not in plan:
+            (offset, run, total), per_step = runs[len(plan)], EVALS_PER_STEP[sampler]
+            plan[params.denoiser] = [(offset + n) / total for n in range(run)
+                                     for _ in range(per_step if n < run - 1 else 1)]
+        time = plan[params.denoiser].pop(0)
+        if weights.schedule.axis == "noise":
+            time = 1 - float(model.forge_objects.unet.model.model_sampling.timestep(params.sigma[:1])) / 1000
+        weights.set(time)
+
+    _HOST.script_callbacks.on_cfg_denoiser(set_weights, name="reference")
+    try:
+        out = generate(model, "a photo", steps, sampler, seed, hires_steps)
+    finally:
+        _HOST.script_callbacks.remove_callbacks_for_function(set_weights)
+    assert len(plan) == len(runs) and not any(plan.values()), "EVALS_PER_STEP does not match the sampler"
+    return out
+
+
+def measure(steps: int = 20, repeats: int = 5, file: str = "klora") -> dict:
+    """Step time of the tiny model with a lorasched file replayed vs the same file as the Lora extension's plain
+    LoRA (its static mix), Euler: each mode timed after an untimed run that loads its weights, in turns, fastest
+    of `repeats`; `extension_ms_per_step` is the time inside the extension's clock (switches and rewrites) in
+    that fastest replayed run. For a benchmark script: builds its own world in a temporary folder."""
+    import shutil
+
+    previous = Path(_HOST.shared.cmd_opts.lora_dir) if _HOST is not None else None
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        world = make_files(folder)
+        (folder / "Lora").mkdir()
+        shutil.copy(world.files[file], folder / "Lora" / world.files[file].name)
+        install_host(folder / "Lora")
+        model = sd_model(reforge_unet(world.pipe.unet))
+        prompt = f"a photo <lora:{world.files[file].stem}:1>"
+        times, spent = {True: [], False: []}, []
+        callbacks = _HOST.script_callbacks
+
+        def timed(params) -> None:  # the extension's callback, timed
+            start = time.perf_counter()
+            _HOST.reforge.on_cfg_denoiser(params)
+            spent.append(time.perf_counter() - start)
+
+        callbacks.remove_callbacks_for_function(_HOST.reforge.on_cfg_denoiser)
+        callbacks.on_cfg_denoiser(timed, name="lorasched-timed")
+        try:
+            for _ in range(repeats):
+                for replay in (True, False):
+                    generate(model, prompt, steps, replay=replay)  # untimed: loads this mode's patched weights
+                    spent.clear()
+                    start = time.perf_counter()
+                    generate(model, prompt, steps, replay=replay)
+                    times[replay].append((time.perf_counter() - start, sum(spent)))
+        finally:
+            callbacks.remove_callbacks_for_function(timed)
+            callbacks.on_cfg_denoiser(_HOST.reforge.on_cfg_denoiser, name="lorasched")
+            if previous is not None:
+                install_host(previous)
+        (replayed, in_extension), (plain, _) = min(times[True]), min(times[False])
+        return {"steps": steps, "file": file, "replayed_s": replayed, "plain_s": plain, "ratio": replayed / plain,
+                "replayed_ms_per_step": 1000 * replayed / steps, "plain_ms_per_step": 1000 * plain / steps,
+                "extension_ms_per_step": 1000 * in_extension / steps}
