@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-WEBUI_REQUIREMENTS := $(wildcard tests/webui/requirements-*.txt)
+WEBUI_REQUIREMENTS := tests/webui/requirements-forge.txt tests/webui/requirements-reforge.txt
+WEBUI_NODEPS := tests/webui/requirements-a1111.txt  # k-diffusion's own requirements are training tools
 
-$(COMFY_STAMP): pyproject.toml tests/comfyui/requirements.txt $(WEBUI_REQUIREMENTS)
+$(COMFY_STAMP): pyproject.toml tests/comfyui/requirements.txt $(WEBUI_REQUIREMENTS) $(WEBUI_NODEPS)
 	test -x $(COMFY_PY) || $(PYTHON) -m venv $(COMFY_VENV)
 	$(COMFY_PY) -m pip install -q --upgrade pip
 	$(COMFY_PY) -m pip install -q -r tests/comfyui/requirements.txt $(addprefix -r ,$(WEBUI_REQUIREMENTS))
+	$(COMFY_PY) -m pip install -q --no-deps -r $(WEBUI_NODEPS)
 	$(COMFY_PY) -m pip install -q -e '.[test]'
 	touch $(COMFY_STAMP)
 

@@ -14,7 +14,7 @@ prompt, with every source that adapts them).
   weights whose sources change, from `LoraLoader.backup` (Forge's exact copy of each original) with the per-key
   arithmetic of `refresh` — never a full re-merge. Online-mode weights need no write: the patch is read per forward.
 
-The Script calls `check_loaded(p)` in `process_batch` and `attach(p)` in `process_before_every_sampling`.
+The Script calls `process_batch(p)` and `process_before_every_sampling(p)` in its hooks of those names.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from backend.modules.k_prediction import Prediction
 from backend.patcher import lora as forge_lora
 from modules.sd_samplers_common import setup_img2img_steps
 
+from .library import warn
 from .schema import FormatError, Layer, Selection, is_scheduled as has_schedule, read
 
 PATCH_TYPE = "lorasched"
-TAG = "[lorasched]"
 QUANTIZED = ("nf4", "fp4", "gguf")  # storage Forge re-quantises on merge: scheduled patches go online there
 # Samplers whose extra evaluation inside step n can sit at the next step's sigma (Heun's corrector, Heun++'s
 # look-aheads, the ancestral midpoint at eta = 1): from sigmas alone it reads as the start of step n + 1.
@@ -197,13 +197,21 @@ def _without(owner, filename: str):
 def _drop(sd_model, filename: str, problem: FormatError) -> None:
     """Report a file that cannot be replayed and generate without it: its UNet and text-encoder patches leave both
     this generation's objects and the ones Forge keeps for this set of LoRAs (so it is reported once per load)."""
-    print(f"{TAG} {problem}; generating without it", flush=True)
+    warn(f"{problem}; generating without it")
     for objects in (sd_model.forge_objects, sd_model.forge_objects_after_applying_lora):
         objects.unet = _without(objects.unet, filename)
         objects.clip = _without(objects.clip, filename)
 
 
-def check_loaded(p) -> None:
+def setup() -> None:
+    """Nothing to register: the patch type registers itself on import, the clock rides on each replaying UNet."""
+
+
+def unload() -> None:
+    """Nothing to undo: without the Script's calls every lorasched file is Forge's plain static patch."""
+
+
+def process_batch(p) -> None:
     """`Script.process_batch(p, ...)`: after `<lora:…>` loaded the prompt's files and before the text encoder
     runs, check every lorasched file among them against the model; one that cannot be replayed (changed after
     export, for another architecture or size, a newer format) is reported in one console line and left out of the
@@ -317,9 +325,9 @@ def _replay_checked(filename: str, unet) -> Replay:
     return replay
 
 
-def attach(p) -> bool:
+def process_before_every_sampling(p) -> list[str]:
     """`Script.process_before_every_sampling(p, ...)`: replace the static UNet patches of every lorasched file
-    Forge loaded for this sampling with scheduled ones, and add the clock. Returns whether anything replays.
+    Forge loaded for this sampling with scheduled ones, and add the clock. Returns the files replayed.
 
     The replaying UNet is a clone set as `p.sd_model.forge_objects.unet`; the objects Forge keeps for the LoRA set
     keep the static patches, so a generation without this call is a plain load of the file."""
@@ -339,9 +347,9 @@ def attach(p) -> bool:
     sigmas = run_sigmas(p) if scheduled else None
     if sigmas is None:
         for identifier in scheduled:
-            print(f"{TAG} {os.path.basename(identifier[0])}: sampler {getattr(p, 'sampler_name', '?')} does not "
-                  "step on sigmas; the file plays as its static mix (a plain LoRA) this time", flush=True)
-        return False
+            warn(f"{os.path.basename(identifier[0])}: sampler {getattr(p, 'sampler_name', '?')} does not step on "
+                 "sigmas; the file plays as its static mix (a plain LoRA) this time")
+        return []
     unet = sd_model.forge_objects.unet
     clone = unet.clone()
     for replay, (filename, strength_patch, strength_model, online) in scheduled.values():
@@ -357,4 +365,4 @@ def attach(p) -> bool:
     clock.start(clone)
     clone.add_conditioning_modifier(clock)
     sd_model.forge_objects.unet = clone
-    return True
+    return [replay.path for replay in replays]

@@ -32,6 +32,7 @@ from ldm_patched.modules.weight_adapter.base import WeightAdapterBase
 from ldm_patched.modules.weight_adapter.lora import LoRAAdapter
 from modules.sd_samplers_common import setup_img2img_steps
 
+from .library import warn
 from .patching import Host, Switcher, noise_levels, patch_class, scheduled_patches, weight_key
 from .schema import KEY_VERSION, PEFT_TO_HOOK, FormatError, Layer, ScheduledFile, read
 
@@ -39,26 +40,47 @@ HOST = Host(float=ldm_patched.float, lora=ldm_patched.modules.lora,
             model_management=ldm_patched.modules.model_management, model_patcher=ldm_patched.modules.model_patcher,
             model_sampling=ldm_patched.modules.model_sampling, utils=ldm_patched.modules.utils)
 ScheduledLoRA = patch_class(WeightAdapterBase)
-LOG_PREFIX = "[lorasched]"
 # A file's (down, up) factor names as the Lora extension reads them: kohya, and diffusers/PEFT (`lora_A`, `lora_B`).
 FACTOR_NAMES = ((".lora_down.weight", ".lora_up.weight"), (PEFT_TO_HOOK[0][0], PEFT_TO_HOOK[1][0]))
 
 _CLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # switching patch -> its file's Switcher
 _found: tuple[uuid.UUID, tuple[Switcher, ...]] | None = None  # the last patch set scanned for replays, and them
-_built: tuple[tuple, object, list[str]] | None = None  # (input key, replayed unet, console lines) of the last call
+_built: tuple[tuple, object, list[str], list[str]] | None = None  # (input key, replayed unet, console lines,
+# replayed files) of the last call
 
 
-def process_before_every_sampling(p) -> None:
+def setup() -> None:
+    """Once, when the Script loads: the clock, on reForge's CFG-denoiser callback."""
+    from modules import script_callbacks
+
+    script_callbacks.remove_callbacks_for_function(on_cfg_denoiser)
+    script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="lorasched")
+
+
+def unload() -> None:
+    """Undo `setup` (for `on_script_unloaded`)."""
+    from modules import script_callbacks
+
+    script_callbacks.remove_callbacks_for_function(on_cfg_denoiser)
+
+
+def process_batch(p) -> None:
+    """Nothing to check before the text encoders run: a file that cannot be replayed is left out of the denoiser
+    in `process_before_every_sampling`."""
+
+
+def process_before_every_sampling(p) -> list[str]:
     """Script hook, before every sampling run (the hires pass too): replay every lorasched file the Lora extension
     loaded for this prompt on `p.sd_model.forge_objects.unet`. A prompt without one is left untouched; a file
-    that cannot be replayed is reported in one console line (once per generation) and left out of the denoiser."""
+    that cannot be replayed is reported in one console line (once per generation) and left out of the denoiser.
+    Returns the files replayed."""
     networks = sys.modules.get("networks")  # reForge's built-in Lora extension, imported by its script at start
     if networks is None:
-        return
+        return []
     paths = list(dict.fromkeys(net.network_on_disk.filename for net in networks.loaded_networks
                                if KEY_VERSION in (net.network_on_disk.metadata or {})))
     if not paths:
-        return
+        return []
     global _built
     forge_objects = p.sd_model.forge_objects
     unet = forge_objects.unet
@@ -68,9 +90,10 @@ def process_before_every_sampling(p) -> None:
     reported = vars(p).setdefault("lorasched_reported", set())
     for message in _built[2]:
         if message not in reported:
-            print(message)
+            warn(message)
             reported.add(message)
     forge_objects.unet = _built[1]
+    return _built[3]
 
 
 def on_cfg_denoiser(params) -> None:
@@ -122,20 +145,21 @@ def _replays(unet) -> tuple[Switcher, ...]:
     return _found[1]
 
 
-def _replayed(unet, paths: list[str], load_state_dict) -> tuple[object, list[str]]:
+def _replayed(unet, paths: list[str], load_state_dict) -> tuple[object, list[str], list[str]]:
     """A clone of `unet` with each file's plain patches replaced by scheduled ones (or removed when the file
-    cannot be replayed), and the console lines for those."""
+    cannot be replayed), the console lines for those, and the files replayed."""
     clone = unet.clone()
-    messages = []
+    messages, replayed = [], []
     for path in paths:
         plain = _plain_entries(clone, load_state_dict(path))
         try:
             _replace(clone, *_read(path), plain)
+            replayed.append(path)
         except FormatError as exc:
-            messages.append(f"{LOG_PREFIX} {exc}; generating without it")
+            messages.append(f"{exc}; generating without it")
             _remove(clone, plain)
     clone.patches_uuid = uuid.uuid4()  # the patch lists changed: the loader must patch this clone anew
-    return clone, messages
+    return clone, messages, replayed
 
 
 def _plain_entries(patcher, lora: dict[str, torch.Tensor]) -> dict[object, tuple[str, list[int]]]:

@@ -73,7 +73,7 @@ def _stub_shell(lora_dir: Path) -> None:
     _module("modules.hashes", sha256_from_cache=lambda *args, **kwargs: None, sha256=lambda *args, **kwargs: None)
     for name in ("images", "sd_vae_approx", "sd_vae_taesd", "sd_samplers", "util"):
         _module(f"modules.{name}")
-    _module("modules.extensions", extensions=[])
+    _module("modules.extensions", extensions=[], find_extension=lambda filename: None)
     _module("modules_forge.main_entry")
     _module("fastapi", FastAPI=type("FastAPI", (), {}))
     _module("gradio", Blocks=type("Blocks", (), {}))
@@ -116,6 +116,9 @@ def forge(lora_dir: Path) -> SimpleNamespace:
         import extra_networks_lora
         import networks
         from lorasched_webui import forge as host
+        from extension import load_script
+
+        script = load_script()
     finally:
         sys.argv = argv
     extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
@@ -126,7 +129,7 @@ def forge(lora_dir: Path) -> SimpleNamespace:
         prompt_parser=prompt_parser, unet_to_diffusers=unet_to_diffusers,
         samplers={data.name: data for data in (*sd_samplers_kdiffusion.samplers_data_k_diffusion,
                                                *sd_samplers_timesteps.samplers_data_timesteps)},
-        networks=networks, host=host, shared=sys.modules["modules.shared"])
+        networks=networks, host=host, script=script, shared=sys.modules["modules.shared"])
     return _imported
 
 
@@ -218,7 +221,7 @@ def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
              cfg: float = 5.0, script: bool = True, before_sampling=None, timings: list | None = None) -> torch.Tensor:
     """One txt2img batch as Forge runs it: the prompt's extra networks activated (`<lora:NAME:S>` loads through
     Forge's LoRA extension), conditioning, the k-diffusion sampler; `script`: with the extension's calls where its
-    Script runs (`check_loaded` in process_batch, `attach` in process_before_every_sampling).
+    Script runs (its `process_batch` and `process_before_every_sampling`, the accordion on).
     `before_sampling(p)` runs after those, as another script would; `timings` gets the sampler run's seconds."""
     f, sd_model = world.forge, world.sd_model
     f.shared.sd_model = sd_model
@@ -229,7 +232,7 @@ def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
     f.extra_networks.activate(p, network_data)
     sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
     if script:
-        f.host.check_loaded(p)
+        f.script.process_batch(p, True)
     c = f.prompt_parser.get_multicond_learned_conditioning(sd_model, prompts, steps)
     uc = f.prompt_parser.get_learned_conditioning(sd_model, [p.negative_prompt], steps)
     config = f.samplers[sampler]
@@ -238,7 +241,7 @@ def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
     x = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
     sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
     if script:
-        f.host.attach(p)
+        f.script.process_before_every_sampling(p, True)
     if before_sampling is not None:
         before_sampling(p)
     start = time.perf_counter()

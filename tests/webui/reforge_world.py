@@ -146,15 +146,16 @@ def install_host(lora_dir: Path) -> SimpleNamespace:
 
     networks.extra_network_lora = extra_networks_lora.ExtraNetworkLora()  # what lora_script.before_ui does
     extra_networks.register_extra_network(networks.extra_network_lora)
+    from extension import load_script
     from lorasched_webui import reforge
 
-    script_callbacks.on_cfg_denoiser(reforge.on_cfg_denoiser, name="lorasched")  # as the extension's Script does
+    script = load_script()  # registers the clock on on_cfg_denoiser, as in the WebUI
     atexit.register(_release)
     _HOST = SimpleNamespace(shared=shared, networks=networks, extra_networks=extra_networks,
                             script_callbacks=script_callbacks, samplers=sd_samplers_kdiffusion, UnetPatcher=UnetPatcher,
                             lora=ldm_patched.modules.lora, utils=ldm_patched.modules.utils,
                             detection=ldm_patched.modules.model_detection,
-                            supported_models=ldm_patched.modules.supported_models, reforge=reforge)
+                            supported_models=ldm_patched.modules.supported_models, reforge=reforge, script=script)
     return _HOST
 
 
@@ -256,13 +257,15 @@ def generate(model: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
     model.forge_objects = model.forge_objects_original.shallow_copy()
     _, p.extra_network_data = host.extra_networks.parse_prompts([prompt])
     host.extra_networks.activate(p, p.extra_network_data)
+    if replay:
+        host.script.process_batch(p, True)
     c, uc = conditioning(seed, steps)
 
     def sample(run: str, *args, **kwargs) -> torch.Tensor:
         p.sampler = create_sampler(sampler, model)
         model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
         if replay:
-            host.reforge.process_before_every_sampling(p)
+            host.script.process_before_every_sampling(p, True)
         return getattr(p.sampler, run)(p, *args, **kwargs)
 
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
