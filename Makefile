@@ -60,11 +60,12 @@ test-webui: $(COMFY_STAMP)
 		PYTHONDONTWRITEBYTECODE=1 $(COMFY_PY) -m pytest -c tests/webui/pytest.ini tests/webui/test_$$host.py || exit 1; \
 	done
 
-bench: $(STAMP)
+bench: $(STAMP) $(COMFY_STAMP)
 	$(PY) -m benchmarks.bench_replay
 	$(PY) -m benchmarks.bench_merge
 	$(PY) -m benchmarks.bench_calibration
 	$(PY) -m benchmarks.bench_eval
+	$(COMFY_PY) -m benchmarks.bench_hosts
 
 # The node pack and the WebUI extension install alone, so each carries verbatim copies of the one file reader
 # (merge/schema.py) and of the ComfyUI-patcher replay the node and reForge share (comfyui-lorasched/patching.py);

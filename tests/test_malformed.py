@@ -6,9 +6,12 @@ Every case ends the same way: the CLI exits 2 with one line that names the file,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from lorasched.merge import fileformat
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+REPO = Path(__file__).resolve().parents[1]
 KEYS = ("lorasched.method", "lorasched.params", "lorasched.sources", "lorasched.schedule", "lorasched.modules")
 
 
@@ -185,6 +189,35 @@ def test_attach_refuses_each_malformed_file_and_changes_nothing(malformed, pipe6
         assert str(path) in str(error.value) and "\n" not in str(error.value), label
     assert all(torch.equal(v, state[k]) for k, v in pipe64.unet.state_dict().items())
     assert not pipe64.get_list_adapters() or not any(pipe64.get_list_adapters().values())
+
+
+PACK_READERS = ("comfyui-lorasched/schema.py", "sd-webui-lorasched/lorasched_webui/schema.py")
+# What only the converter checks (fileformat.read: the method and its parameters): a host replays the schedule and
+# never reads them, so its reader takes these files.
+CONVERTER_ONLY = {"method-unknown", "params-no-alpha", "params-alpha-string", "params-no-beta", "params-beta-string",
+                  "params-no-gamma", "params-gamma-string", "params-steps-zero", "params-calibration-empty"}
+
+
+@pytest.mark.parametrize("copy", PACK_READERS)
+def test_each_pack_reader_refuses_each_malformed_file_in_one_line(malformed, copy, monkeypatch):
+    """The ComfyUI node and the WebUI extension (every host) read a file through their copy of merge/schema.py
+    as `read(path, with_tensors=True)` before touching a model: each case is one FormatError line naming the file.
+    The header-only read (the extension's library listing) refuses all but the value checks."""
+    spec = importlib.util.spec_from_file_location(f"pack_schema_{len(copy)}", REPO / copy)
+    schema = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, schema)  # as a package import registers it (dataclasses need it)
+    spec.loader.exec_module(schema)
+    assert CONVERTER_ONLY < set(malformed)
+    for label, path in malformed.items():
+        if label in CONVERTER_ONLY:
+            assert schema.read(path, with_tensors=True).schedule.layers, label
+            continue
+        with pytest.raises(schema.FormatError) as error:
+            schema.read(path, with_tensors=True)
+        assert str(path) in str(error.value) and "\n" not in str(error.value), label
+        if label not in ("factor-inf", "tampered"):
+            with pytest.raises(schema.FormatError):
+                schema.read(path)
 
 
 def test_verify_refuses_a_schedule_naming_an_unknown_source(malformed, tiny_base):
