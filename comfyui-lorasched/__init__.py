@@ -1,5 +1,5 @@
-"""comfyui-lorasched: replay a lorasched scheduled LoRA (per layer, per step) inside ComfyUI."""
+"""comfyui-lorasched: replay a lorasched scheduled LoRA (per layer, per step) inside ComfyUI (a V3 node pack)."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["comfy_entrypoint"]

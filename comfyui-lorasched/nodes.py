@@ -3,6 +3,7 @@ LoRA loader; the denoiser gets one `ScheduledLoRA` patch per layer and the `Repl
 
 from __future__ import annotations
 
+import functools
 import os
 
 import comfy.lora
@@ -10,6 +11,7 @@ import comfy.sd
 import folder_paths
 import torch
 from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import ComfyExtension, io
 
 from .patching import scheduled_patches, targets
 from .replay import HOST, Replay, ScheduledLoRA
@@ -49,49 +51,58 @@ def patch_text_encoders(clip, scheduled: ScheduledFile, layers: dict[str, Layer]
     return comfy.sd.load_lora_for_models(None, clip, lora, 0.0, strength)[1]
 
 
-class LoadScheduledLora:
-    """Load Scheduled LoRA (lorasched): a lorasched file replayed per layer and per step."""
-
-    def __init__(self) -> None:
-        self._cached: tuple[str, float, ScheduledFile, dict[str, Layer]] | None = None
+class LoadScheduledLora(io.ComfyNode):
+    """Load Scheduled LoRA (lorasched): a lorasched file replayed per layer and per step. A V3 node: stateless, so
+    the parsed file is cached per file version at module level (`_read`)."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the schedule is replayed on."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder(s) the file's text-encoder part is applied to."}),
-                "lora_name": (folder_paths.get_filename_list("loras"),
-                              {"tooltip": "A scheduled LoRA exported by lorasched (from the loras folder)."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
-            }
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraschedLoadScheduledLora",
+            display_name="Load Scheduled LoRA (lorasched)",
+            category="loaders",
+            description=("Loads a lorasched scheduled LoRA (subject, style and static LoRAs fused into one file) and "
+                         "replays its schedule: at every sampling step each layer carries the LoRAs the file says "
+                         "(one, several or none). LoraLoader on the same file applies only its static mix."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the schedule is replayed on."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) the file's text-encoder part is applied to."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A scheduled LoRA exported by lorasched (from the loras folder)."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+        )
 
-    RETURN_TYPES = ("MODEL", "CLIP")
-    FUNCTION = "load"
-    CATEGORY = "loaders"
-    DESCRIPTION = ("Loads a lorasched scheduled LoRA (subject, style and static LoRAs fused into one file) and "
-                   "replays its schedule: at every sampling step each layer carries the LoRAs the file says (one, "
-                   "several or none). LoraLoader on the same file applies only its static mix.")
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str, **kwargs) -> float | None:
+        """A file rewritten in place (a new merge to the same name) runs the node again."""
+        path = folder_paths.get_full_path("loras", lora_name)
+        return os.path.getmtime(path) if path else None
 
-    def load(self, model, clip, lora_name: str, strength_model: float, strength_clip: float):
+    @classmethod
+    def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        scheduled, layers = self._read(path)
+        scheduled, layers = _read(path, os.path.getmtime(path))
         if strength_model != 0:
             model = patch_denoiser(model, scheduled, layers, strength_model)
         if strength_clip != 0:
             clip = patch_text_encoders(clip, scheduled, layers, strength_clip)
-        return model, clip
-
-    def _read(self, path: str) -> tuple[ScheduledFile, dict[str, Layer]]:
-        """Parse (and hash-check) a file once per version of it."""
-        mtime = os.path.getmtime(path)
-        if self._cached is None or self._cached[:2] != (path, mtime):
-            scheduled = read(path, with_tensors=True)
-            self._cached = (path, mtime, scheduled, scheduled.layers())
-        return self._cached[2:]
+        return io.NodeOutput(model, clip)
 
 
-NODE_CLASS_MAPPINGS = {"LoraschedLoadScheduledLora": LoadScheduledLora}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoraschedLoadScheduledLora": "Load Scheduled LoRA (lorasched)"}
+@functools.lru_cache(maxsize=4)
+def _read(path: str, mtime: float) -> tuple[ScheduledFile, dict[str, Layer]]:
+    """Parse (and hash-check) a file once per version of it."""
+    scheduled = read(path, with_tensors=True)
+    return scheduled, scheduled.layers()
+
+
+class LoraschedExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadScheduledLora]
+
+
+async def comfy_entrypoint() -> LoraschedExtension:
+    return LoraschedExtension()

@@ -106,6 +106,6 @@ def apply(node, loras_folder):
         if path.parent != loras_folder:
             shutil.copy(path, loras_folder / path.name)
         assert path.name in folder_paths.get_filename_list("loras")
-        return node().load(model, clip, path.name, strength_model, strength_clip)
+        return node.execute(model, clip, path.name, strength_model, strength_clip).result
 
     return load

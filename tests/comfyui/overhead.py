@@ -66,7 +66,7 @@ def main() -> None:
         world = make_sd_world(Path(folder))
         folder_paths.add_model_folder_path("loras", str(world.folder))
         assert asyncio.run(nodes.load_custom_node(str(conftest.NODE_PACK)))
-        node = nodes.NODE_CLASS_MAPPINGS["LoraschedLoadScheduledLora"]()
+        node = nodes.NODE_CLASS_MAPPINGS["LoraschedLoadScheduledLora"]
         rewrite = functools.partial(conftest.pack_module("patching").rewrite, conftest.pack_module("replay").HOST)
         print(f"{'file':<10} {'steps':>5} {'bare':>7} {'LoraLoader':>10} {'node':>7} {'node/LoraLoader':>15} "
               f"{'in node':>9} {'per write':>9}")
@@ -74,7 +74,7 @@ def main() -> None:
             path = world.files[name]
             bare = comfy_unet(world.pipe.unet)
             static = nodes.LoraLoaderModelOnly().load_lora_model_only(comfy_unet(world.pipe.unet), path.name, 1.0)[0]
-            scheduled = node.load(comfy_unet(world.pipe.unet), None, path.name, 1.0, 0.0)[0]
+            scheduled = node.execute(comfy_unet(world.pipe.unet), None, path.name, 1.0, 0.0).result[0]
             spent = _time_inside_node(scheduled)
             for steps in (20, 50):
                 best = {}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
 
 import comfy.lora
 import comfy.utils
@@ -15,6 +17,7 @@ import nodes
 import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import io
 from conftest import NODE_PACK
 from lorasched.merge import fileformat
 from lorasched.merge.replay import source_factors
@@ -257,7 +260,17 @@ def test_the_pack_is_a_registry_node(node):
     assert config.project.name == "comfyui-lorasched" and config.tool_comfy.display_name == "lorasched"
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["LoraschedLoadScheduledLora"] == "Load Scheduled LoRA (lorasched)"
     assert list(node.INPUT_TYPES()["required"]) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
-    assert node.RETURN_TYPES == ("MODEL", "CLIP")
+    assert list(node.RETURN_TYPES) == ["MODEL", "CLIP"]
+    assert issubclass(node, io.ComfyNode) and node.GET_SCHEMA().node_id == "LoraschedLoadScheduledLora"
+
+
+def test_a_file_rewritten_under_its_name_runs_the_node_again(node, sd, loras_folder):
+    """ComfyUI caches a node's output by its inputs and `fingerprint_inputs`: the file's version is part of it."""
+    path = loras_folder / "rewritten.safetensors"
+    shutil.copy(sd.files["klora-s"], path)
+    before = node.fingerprint_inputs(lora_name=path.name)
+    os.utime(path, (before + 10, before + 10))
+    assert node.fingerprint_inputs(lora_name=path.name) == before + 10
 
 
 def test_example_workflows_validate_in_comfyui(node, tmp_path, loras_folder):
