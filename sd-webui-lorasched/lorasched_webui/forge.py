@@ -224,17 +224,19 @@ def process_batch(p) -> None:
             _drop(sd_model, filename, problem)
 
 
-def run_sigmas(p) -> list[float] | None:
-    """The sigmas the coming sampler run steps through (N + 1, the last 0), from Forge's own sampler code: what
-    `KDiffusionSampler.sample` (txt2img) or `sample_img2img` (img2img, hires pass) compute. None for samplers
+def run_sigmas(p) -> tuple[list[float], int] | None:
+    """The sigmas the coming sampler run steps through (N + 1, the last 0) and the index of its first step in the
+    schedule it was cut from, from Forge's own sampler code: what `KDiffusionSampler.sample` (txt2img) or
+    `sample_img2img` (img2img, the hires pass: the last t_enc + 1 steps of a schedule of `steps`) compute, so that
+    an img2img run's p continues a full run's, as in reForge, A1111 and the ComfyUI node. None for samplers
     without sigmas (DDIM, PLMS, UniPC step on timesteps)."""
     sampler = p.sampler
     if not hasattr(sampler, "get_sigmas"):
         return None
     if getattr(p, "is_hr_pass", False) or getattr(p, "init_latent", None) is not None:
         steps, t_enc = setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if p.is_hr_pass else None)
-        return sampler.get_sigmas(p, steps)[steps - t_enc - 1:].tolist()
-    return sampler.get_sigmas(p, p.steps).tolist()
+        return sampler.get_sigmas(p, steps)[steps - t_enc - 1:].tolist(), steps - t_enc - 1
+    return sampler.get_sigmas(p, p.steps).tolist(), 0
 
 
 class Clock:
@@ -248,10 +250,11 @@ class Clock:
       training steps, as lorasched records it in diffusers.
     """
 
-    def __init__(self, sd_model, replays: list[Replay], sigmas: list[float], lookahead: bool) -> None:
+    def __init__(self, sd_model, replays: list[Replay], sigmas: list[float], lookahead: bool, offset: int = 0) -> None:
         self.sd_model = sd_model
         self.replays = replays
         self.starts = sigmas[:-1][::-1]  # S[0..N-1] ascending, for bisect
+        self.offset = offset  # the run's first step in the schedule it was cut from (img2img, the hires pass)
         self.lookahead = lookahead
         self.step = 0
         self.last: tuple[float, bool] | None = None  # the previous evaluation: sigma, at a step's own sigma?
@@ -287,7 +290,7 @@ class Clock:
         if not look_ahead:
             self.step = index
         self.last = (sigma, own)
-        return self.step / len(self.starts)
+        return (self.offset + self.step) / (self.offset + len(self.starts))
 
     @staticmethod
     def noise(predictor, timestep: torch.Tensor) -> float:
@@ -344,8 +347,8 @@ def process_before_every_sampling(p) -> list[str]:
         for identifier in unet.lora_patches:
             if identifier[0] == filename:
                 scheduled[identifier] = replay, replay.identifier(identifier, online or identifier[3])
-    sigmas = run_sigmas(p) if scheduled else None
-    if sigmas is None:
+    run = run_sigmas(p) if scheduled else None
+    if run is None:
         for identifier in scheduled:
             warn(f"{os.path.basename(identifier[0])}: sampler {getattr(p, 'sampler_name', '?')} does not step on "
                  "sigmas; the file plays as its static mix (a plain LoRA) this time")
@@ -361,7 +364,8 @@ def process_before_every_sampling(p) -> list[str]:
     clone.lora_patches = {identifier: patches[identifier] for identifier in order}
     replays = list({id(replay): replay for replay, _ in scheduled.values()}.values())
     lookahead = getattr(p.sampler, "func", None) in LOOKAHEAD_SAMPLERS
-    clock = Clock(sd_model, replays, sigmas, lookahead)
+    sigmas, offset = run
+    clock = Clock(sd_model, replays, sigmas, lookahead, offset)
     clock.start(clone)
     clone.add_conditioning_modifier(clock)
     sd_model.forge_objects.unet = clone

@@ -52,8 +52,10 @@ OPTS = SimpleNamespace(
     sd_lora="None", lora_add_hashes_to_infotext=False, skip_early_cond=0.0, s_min_uncond_all=False,
     always_discard_next_to_last_sigma=False, use_old_karras_scheduler_sigmas=False, sigma_min=0.0, sigma_max=0.0,
     rho=0.0, sgm_noise_multiplier=False, eta_ancestral=1.0, live_previews_enable=False,
-    show_progress_every_n_steps=-1, s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0,
+    show_progress_every_n_steps=-1, s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0, img2img_extra_noise=0.0,
+    img2img_fix_steps=False,
 )
+DENOISE = 0.5  # the hires pass's denoising strength
 
 
 def _stub_shell(lora_dir: Path) -> None:
@@ -218,11 +220,14 @@ def processing(sd_model, prompt: str, steps: int, sampler: str, seed: int, cfg: 
 
 
 def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Euler", seed: int = 0,
-             cfg: float = 5.0, script: bool = True, before_sampling=None, timings: list | None = None) -> torch.Tensor:
+             cfg: float = 5.0, script: bool = True, before_sampling=None, timings: list | None = None,
+             hires_steps: int | None = None) -> torch.Tensor:
     """One txt2img batch as Forge runs it: the prompt's extra networks activated (`<lora:NAME:S>` loads through
     Forge's LoRA extension), conditioning, the k-diffusion sampler; `script`: with the extension's calls where its
     Script runs (its `process_batch` and `process_before_every_sampling`, the accordion on).
-    `before_sampling(p)` runs after those, as another script would; `timings` gets the sampler run's seconds."""
+    `before_sampling(p)` runs after those, as another script would; `timings` gets the sampler run's seconds.
+    `hires_steps`: a latent-upscale hires pass of that many steps as `sample_hr_pass` runs it (a new sampler, the
+    Lora extension's objects copied again, the Script's hook again, `sample_img2img` at DENOISE)."""
     f, sd_model = world.forge, world.sd_model
     f.shared.sd_model = sd_model
     p = processing(sd_model, prompt, steps, sampler, seed, cfg)
@@ -248,6 +253,18 @@ def generate(world: SimpleNamespace, prompt: str, steps: int, sampler: str = "Eu
     samples = p.sampler.sample(p, x, c, uc, image_conditioning=None)
     if timings is not None:
         timings.append(time.perf_counter() - start)
+    if hires_steps:
+        p.is_hr_pass, p.hr_second_pass_steps, p.denoising_strength = True, hires_steps, DENOISE
+        upscaled = torch.nn.functional.interpolate(samples, scale_factor=2, mode="nearest")
+        p.sampler = config.constructor(sd_model)
+        p.sampler.config = config
+        sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+        if script:
+            f.script.process_before_every_sampling(p, True)
+        if before_sampling is not None:
+            before_sampling(p)
+        noise = torch.randn(upscaled.shape, generator=torch.Generator().manual_seed(seed + 1))
+        samples = p.sampler.sample_img2img(p, upscaled, noise, c, uc, steps=hires_steps, image_conditioning=None)
     f.extra_networks.deactivate(p, network_data)
     return samples
 
@@ -349,27 +366,32 @@ EVALS_PER_STEP = {"Euler": 1, "Heun": 2}  # model evaluations per step (the last
 
 
 def reference(path: Path, prompt: str, strength: float, steps: int, sampler: str, seed: int = 0,
-              plain: tuple[Path, float] | None = None) -> torch.Tensor:
+              plain: tuple[Path, float] | None = None, hires_steps: int | None = None) -> torch.Tensor:
     """Sample a fresh world without the file, its weights set by hand before each evaluation to the schedule at
     p = n / N of the evaluation's step (read off the sampler's structure, not its sigmas); `plain`: a kohya LoRA
-    and its strength, added by hand to the weights underneath."""
+    and its strength, added by hand to the weights underneath. The hires pass's steps are the last `hires_steps`
+    of a schedule of hires_steps / DENOISE."""
     world = make_world(path.parent)
     weights = HandSetWeights(world, path, strength)
     if plain is not None:
         weights.add_plain(*plain)
     per_step = EVALS_PER_STEP[sampler]
-    calls = iter([n for n in range(steps) for _ in range(per_step if n < steps - 1 else 1)])
+    runs = [(0, steps, steps)] + ([(int(hires_steps / DENOISE) - hires_steps, hires_steps,
+                                    int(hires_steps / DENOISE))] if hires_steps else [])
+    calls = iter([(offset + n) / total for offset, run, total in runs
+                  for n in range(run) for _ in range(per_step if n < run - 1 else 1)])
 
     def by_hand(p) -> None:
         def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-            weights.set(next(calls) / steps)
+            weights.set(next(calls))
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
         unet = p.sd_model.forge_objects.unet.clone()
         unet.add_conditioning_modifier(modifier)
         p.sd_model.forge_objects.unet = unet
 
-    out = generate(world, prompt, steps, sampler, seed, script=False, before_sampling=by_hand)
+    out = generate(world, prompt, steps, sampler, seed, script=False, before_sampling=by_hand,
+                   hires_steps=hires_steps)
     assert next(calls, None) is None, f"{sampler} evaluated the model fewer times than EVALS_PER_STEP says"
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from forge_world import generate, make_files, make_world, measure, reference
+from forge_world import LATENT, generate, make_files, make_world, measure, reference
 from lorasched.merge import fileformat
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -71,6 +71,16 @@ def test_replays_the_schedule_exactly(files, world, name, strength, sampler, ste
           f"|replay - plain LoRA| up to {(out - plain).abs().max().item():.1f}")
     assert gap <= TOLERANCE
     assert (out - plain).abs().max().item() > 100 * TOLERANCE  # the schedule is not the static mix
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun"])
+def test_the_hires_pass_continues_the_schedule_where_its_steps_are(files, world, sampler):
+    """The hires pass (a new sampler, the Script's hook again, `sample_img2img` of the last 4 steps of a schedule
+    of 4 / 0.5 = 8) replays at the p of those steps, as in reForge, A1111 and the ComfyUI node."""
+    prompt = f"{PROMPT} <lora:{files.switch3.stem}:0.8>"
+    out = generate(world, prompt, 6, sampler, hires_steps=4)
+    expected = reference(files.switch3, PROMPT, 0.8, 6, sampler, hires_steps=4)
+    assert out.shape[-1] == 2 * LATENT[-1] and (out - expected).abs().max().item() <= TOLERANCE
 
 
 @pytest.mark.parametrize("sampler, steps", [("Euler", 8), ("Heun", 5)])
