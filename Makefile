@@ -10,7 +10,7 @@ COMFY_VENV := .venv-comfy
 COMFY_PY := $(COMFY_VENV)/bin/python
 COMFY_STAMP := $(COMFY_VENV)/.installed
 
-.PHONY: demo test test-main test-comfyui test-webui install bench clean packs
+.PHONY: demo test test-main test-comfyui test-webui install bench clean packs webui-branch
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,10 @@ comfyui-lorasched/schema.py sd-webui-lorasched/lorasched_webui/schema.py: merge/
 
 sd-webui-lorasched/lorasched_webui/patching.py: comfyui-lorasched/patching.py
 	cp $< $@
+
+# The WebUI's "Install from URL" clones a repository whose root is the extension: this branch is that folder alone.
+webui-branch: $(PACK_COPIES)
+	git subtree split --prefix=sd-webui-lorasched -b sd-webui-lorasched
 
 clean:
 	rm -rf demo_work build *.egg-info
