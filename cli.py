@@ -12,6 +12,7 @@ from lorasched.calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from lorasched.calibration.probes import DEFAULT_EMBEDDER
 from lorasched.merge import rules
 from lorasched.merge.errors import LoraschedError
+from lorasched.merge.schedule import REFERENCE_STEPS
 from tqdm import tqdm
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,6 +33,23 @@ def _bar(description: str):
     return lambda items: tqdm(items, desc=description, unit="layer", leave=False, disable=None)
 
 
+def method_options(command):
+    """Every registered method's options as click options (none has a click default, so a method can tell what
+    was given; each applies its own defaults)."""
+    for option in reversed(rules.all_options()):
+        kind = click.Choice(option.type) if isinstance(option.type, tuple) else option.type
+        shown = "" if option.default is None or "default" in option.help else f" (default: {option.default})"
+        command = click.option(option.cli_flag, option.name, type=kind, help=option.help + shown)(command)
+    return command
+
+
+def _rule_options(given: dict) -> rules.RuleOptions:
+    """The options given on the command line, parsed where a method's option reads text (`a,b` lists)."""
+    parsed = {option.name: option for option in rules.all_options()}
+    return rules.RuleOptions(**{name: parsed[name].parse(value, parsed[name].cli_flag) if parsed[name].parse else value
+                                for name, value in given.items() if value is not None})
+
+
 @click.group()
 def main() -> None:
     """Fuse subject and style LoRAs into one scheduled LoRA file, and inspect such files."""
@@ -46,24 +64,10 @@ def main() -> None:
 @click.option("--lora", "others", multiple=True, metavar="[ROLE=]PATH[:STRENGTH]",
               help="A LoRA with a role (subject, style, or static, the default: kept at weight 1 in every layer it "
                    "adapts, never switched off). Repeatable.")
-@click.option("--method", type=click.Choice(rules.METHODS), default="klora", show_default=True)
-@click.option("--pattern", type=click.Choice(["s", "s*"]), default="s", show_default=True, help="K-LoRA ramp.")
-@click.option("--alpha", type=float, help="Ramp slope α (default: the method's published value).")
-@click.option("--beta", type=float,
-              help="Ramp offset β; for est, β = 1 − probe similarity (default: measured from probe images).")
-@click.option("--gamma", "gamma_mode", type=click.Choice(["trimmed", "global"]), default="trimmed", show_default=True,
-              help="K-LoRA balance γ: trimmed mean of per-layer L1 ratios (code) or ratio of sums (paper).")
-@click.option("--gamma-scale", type=float, default=1.0, show_default=True,
-              help="Multiply the pair's γ (klora, est, feature-kl): above 1 favours the style, below 1 the subject.")
-@click.option("--mu", type=float, help="np-lora: projection strength μ ≥ 0 (default 0.5).")
-@click.option("--directions", type=int, help="np-lora: style singular directions k projected out (default: all).")
-@click.option("--period", type=int, help="switch: steps each LoRA stays active before the next takes over "
-                                         "(default 5), at --steps.")
-@click.option("--windows", help="windows: `a,b`: subjects active on [0, a), styles on [b, 1) of denoising progress "
-                                "(default 0.7,0.3).")
-@click.option("--blocks", "blocks", help="blocks: `subject=<glob>,style=<glob>` module globs (default: the "
-                                        "architecture's, see docs/methods.md).")
-@click.option("--steps", type=int, default=30, show_default=True,
+@click.option("--method", type=click.Choice(rules.names()), default="klora", show_default=True,
+              help="; ".join(f"{name}: {rules.get(name).summary}" for name in rules.names()))
+@method_options
+@click.option("--steps", type=int, default=REFERENCE_STEPS, show_default=True,
               help="Weight-only rules: reference step count for `inspect` and switch's --period (the file replays "
                    "at any count). "
                    "feature-kl and est probes: denoising steps of each calibration pass.")
@@ -80,7 +84,6 @@ def main() -> None:
 @click.option("--log", "log_path", help="Calibration log to write or resume (default: OUTPUT.calibration.jsonl).")
 @click.option("--min-run", type=int, default=1, show_default=True,
               help="feature-kl: suppress switches that last fewer than this many time bins.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="feature-kl softmax temperature.")
 @click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True,
               help="est probes: image model (folder or hub id) that embeds the two probe images.")
 @click.option("--format", "tensor_format", type=click.Choice(["auto", "kohya", "diffusers"]), default="auto",
@@ -106,22 +109,17 @@ def merge(**params) -> None:
         click.echo(_searched(result.search))
 
 
-def _merge(base, subjects, styles, others, method, pattern, alpha, beta, gamma_mode, gamma_scale, mu, directions,
-           period, windows, blocks, steps, device, dtype, output,
-           prompts, seeds, guidance, resolution, batch_size, log_path, min_run, temperature, embedder, tensor_format,
-           allow_pickle, balance, subject_images, style_images, balance_betas, balance_gamma_scales, clip, dino,
-           group=None):
-    """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`)."""
-    from lorasched.convert import Balance, Calibration
-    from lorasched.convert import merge_loras
+def _merge(base, subjects, styles, others, method, steps, device, dtype, output, prompts, seeds, guidance,
+           resolution, batch_size, log_path, min_run, embedder, tensor_format, allow_pickle, balance, subject_images,
+           style_images, balance_betas, balance_gamma_scales, clip, dino, group=None, **method_options):
+    """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`);
+    `method_options`: every method's options as parsed (None where not given)."""
+    from lorasched.convert import Balance, Calibration, MergeRequest, merge_loras
     from lorasched.merge.checks import parse_floats, parse_lora, parse_seeds
     from lorasched.merge.lora import STYLE, SUBJECT
 
     loras = [parse_lora(text, SUBJECT, "--subject") for text in subjects] + \
         [parse_lora(text, STYLE, "--style") for text in styles] + [parse_lora(text) for text in others]
-    options = rules.RuleOptions(pattern=pattern, alpha=alpha, beta=beta, gamma=gamma_mode, temperature=temperature,
-                                gamma_scale=gamma_scale, mu=mu, directions=directions, period=period,
-                                windows=parse_floats(windows, "--windows"), blocks=blocks)
     searched = None
     if balance == "auto":
         searched = Balance(subject_images, style_images, parse_floats(balance_betas, "--balance-betas"),
@@ -132,12 +130,15 @@ def _merge(base, subjects, styles, others, method, pattern, alpha, beta, gamma_m
         prompts=prompts, seeds=parse_seeds(seeds), guidance=guidance, size=resolution, batch_size=batch_size,
         log=log_path, min_run=min_run, embedder=embedder,
     )
+    request = MergeRequest(
+        base, tuple(loras), output, method, _rule_options(method_options), steps=steps, device=device,
+        dtype=DTYPES[dtype], tensor_format=None if tensor_format == "auto" else tensor_format,
+        allow_pickle=allow_pickle, calibration=calibration, balance=searched,
+    )
     return merge_loras(
-        base, loras, output, method, options,
-        steps=steps, device=device, dtype=DTYPES[dtype], calibration=calibration, progress=_bar("scoring"),
-        tensor_format=None if tensor_format == "auto" else tensor_format, allow_pickle=allow_pickle,
-        bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None), group=group,
-        balance=searched, search_bar=lambda total: tqdm(total=total, desc="balancing", unit="image", disable=None),
+        request, progress=_bar("scoring"), group=group,
+        bar=lambda total: tqdm(total=total, desc="calibrating", unit="step", disable=None),
+        search_bar=lambda total: tqdm(total=total, desc="balancing", unit="image", disable=None),
     )
 
 
@@ -219,7 +220,7 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
     if png_path:
         from lorasched.merge.heatmap import draw_schedule
 
-        draw_schedule(scheduled, report.decided_layers(scheduled), int(scheduled.params.get("steps", 30)), png_path)
+        draw_schedule(scheduled, report.decided_layers(scheduled), int(scheduled.params.get("steps", REFERENCE_STEPS)), png_path)
         click.echo(f"wrote {png_path}")
 
 

@@ -4,7 +4,7 @@ around them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ from .merge.checks import LoraSpec, check_report_dir, check_size, check_sources,
 from .merge.errors import LoraschedError
 from .merge.lora import ROLES, STATIC, STYLE, SUBJECT
 from .merge.lora_io import read_set, read_tensors
-from .merge.schedule import Schedule, from_rule
+from .merge.rules import Method, RuleOptions
+from .merge.schedule import REFERENCE_STEPS, Schedule, from_rule
 
 
 @dataclass(frozen=True)
@@ -69,186 +70,188 @@ class Balance:
     clip: str = DEFAULT_CLIP
     dino: str = DEFAULT_DINO
 
-    def check(self, method: str, options: rules.RuleOptions, group: Group) -> None:
+    def check(self, method: Method, options: RuleOptions, group: Group) -> None:
         from .calibration.balance import grid
 
-        if method == "direct" or method in rules.SCHEDULED:
-            raise LoraschedError(f"--balance auto: {method} has no balance knob (use klora, est or feature-kl)")
+        if not method.balance_knob:
+            knobs = ", ".join(name for name in rules.names() if rules.get(name).balance_knob)
+            raise LoraschedError(f"--balance auto: {method.name} has no balance knob (use {knobs})")
         if not (self.subject_images and self.style_images):
             raise LoraschedError("--balance auto: give --subject-images and --style-images (what the search scores "
                                  "against)")
-        if options.gamma_scale != 1.0:
+        if "gamma_scale" in options:
             raise LoraschedError("--balance auto sets the γ scale itself; give --balance-gamma-scales for its grid "
                                  "instead of --gamma-scale")
         if group.size > 1:
             raise LoraschedError("--balance auto: runs in one process; start it without a launcher")
-        grid(None if method in rules.CALIBRATED else 0.0, self.betas, self.gamma_scales)
+        grid(None if method.calibrated else 0.0, self.betas, self.gamma_scales)
 
 
-def merge(base: str, subject: str, style: str, output: str, *args, **kwargs) -> MergeResult | None:
-    """`merge_loras` of one subject and one style LoRA."""
-    return merge_loras(base, [LoraSpec(subject, SUBJECT), LoraSpec(style, STYLE)], output, *args, **kwargs)
+@dataclass(frozen=True)
+class MergeRequest:
+    """One merge, as the CLI, each `merge-many` row and a Python caller describe it: the Python way to merge is
+    `merge_loras(MergeRequest(base, loras, output, "klora", RuleOptions(pattern="s*")))`.
+
+    `loras`: the inputs with their roles and strengths (`LoraSpec`); `method`: a registered method's name
+    (`rules.names()`), `options` its options (anything it does not take is refused). Weight-only methods: `steps`
+    is the reference step count `inspect` shows; feature-kl, and EST without β: the step count of the calibration
+    (or probe) passes. `balance`: first search the method's balance knob (calibration/balance.py)."""
+
+    base: str
+    loras: tuple[LoraSpec, ...]
+    output: str
+    method: str = "klora"
+    options: RuleOptions = field(default_factory=RuleOptions)
+    steps: int = REFERENCE_STEPS
+    device: str = "auto"
+    dtype: torch.dtype | None = None
+    tensor_format: str | None = None
+    allow_pickle: bool = False
+    calibration: Calibration = Calibration()
+    balance: Balance | None = None
 
 
-def merge_loras(
-    base: str,
-    loras: list[LoraSpec],
-    output: str,
-    method: str = "klora",
-    options: rules.RuleOptions = rules.RuleOptions(),
-    *,
-    steps: int = 30,
-    device: str = "auto",
-    dtype: torch.dtype | None = None,
-    tensor_format: str | None = None,
-    allow_pickle: bool = False,
-    calibration: Calibration = Calibration(),
-    progress=iter,
-    bar=None,
-    group: Group | None = None,
-    balance: Balance | None = None,
-    search_bar=None,
-) -> MergeResult | None:
-    """Read, score (or calibrate), schedule and export `loras`, the inputs with their roles and strengths.
+def merge(base: str, subject: str, style: str, output: str, method: str = "klora",
+          options: RuleOptions = RuleOptions(), **fields) -> MergeResult | None:
+    """`merge_loras` of one subject and one style LoRA; `fields`: the other `MergeRequest` fields."""
+    loras = (LoraSpec(subject, SUBJECT), LoraSpec(style, STYLE))
+    return merge_loras(MergeRequest(base, loras, output, method, options, **fields))
+
+
+def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group | None = None,
+                search_bar=None) -> MergeResult | None:
+    """Read, score (or calibrate), schedule and export the request's LoRAs.
 
     Under a launcher (`accelerate launch -m lorasched merge …`, see calibration/distributed.py) every process
-    calls this; feature-kl calibration runs are shared among them and only the main process writes the file and
-    returns a result (the others return None). `group` None: the launch this process belongs to.
-
-    Weight-only rules: `steps` is the reference step count `inspect` shows. feature-kl, and EST without β:
-    `steps` is the step count of the calibration (or probe) passes, run on the base pipeline with its weights;
-    `bar(total)` makes the progress bar of the calibration runs.
-
-    `balance`: first search the method's balance knob on probe generations scored against reference images
-    (calibration/balance.py; `search_bar(total)` makes its progress bar, per image), then merge with the best.
+    calls this; calibration runs are shared among them and only the main process writes the file and returns a
+    result (the others return None). `group` None: the launch this process belongs to. `progress` wraps the
+    per-module scoring loop, `bar(total)` makes the progress bar of the calibration runs, `search_bar(total)`
+    that of `--balance auto` (per image).
     """
     group = group or distributed.current()
-    loras = sorted(loras, key=lambda spec: ROLES.index(spec.role))  # subjects, styles, static: as given within each
+    method, options, steps, output = rules.get(request.method), request.options, request.steps, request.output
+    loras = sorted(request.loras, key=lambda spec: ROLES.index(spec.role))  # subjects, styles, static: as given
     check_steps(steps)
-    rules.validate(method, options)
-    calibration.check()
+    method.settings(options)
+    request.calibration.check()
     check_sources(loras, output)
+    balance, probe_needed = request.balance, method.needs_probe(options)
     pair_only = {"--balance auto": balance is not None,
-                 "--method est without --beta (its probe images)": method == "est" and options.beta is None}
+                 f"--method {method.name} without --beta (its probe images)": probe_needed}
     for what, needs_pair in pair_only.items():
         if needs_pair and [spec.role for spec in loras] != [SUBJECT, STYLE]:
-            raise LoraschedError(f"{what}: works on one --subject and one --style; for more LoRAs use klora, est "
-                                 "with --beta, direct, feature-kl or a scheduled method")
-    if method in rules.CALIBRATED and len(loras) > len(DIGITS):
-        raise LoraschedError(f"--method {method}: selects among at most {len(DIGITS)} LoRAs")
-    if method in rules.CALIBRATED and any(spec.role == STATIC for spec in loras):
-        raise LoraschedError(f"--method {method}: selects among subjects and styles; a static LoRA (--lora) would "
-                             "change the features it measures, so give it as --subject or --style")
+            raise LoraschedError(f"{what}: works on one --subject and one --style; for more LoRAs give --beta or "
+                                 "use another method")
+    if method.calibrated and len(loras) > len(DIGITS):
+        raise LoraschedError(f"--method {method.name}: selects among at most {len(DIGITS)} LoRAs")
+    if not method.takes_static and any(spec.role == STATIC for spec in loras):
+        raise LoraschedError(f"--method {method.name}: selects among subjects and styles; a static LoRA (--lora) "
+                             "would change the features it measures, so give it as --subject or --style")
     if balance is not None:
         balance.check(method, options, group)
-    needs_runs = method in rules.CALIBRATED or (method == "est" and options.beta is None) or balance is not None
-    if not (group.is_main or method in rules.CALIBRATED):
-        return None  # under a launcher, only feature-kl calibration is shared; the main process does the rest
-    pair = read_set(base, loras, allow_pickle)
-    device = group.device or pick_device(device)
+    needs_runs = method.calibrated or probe_needed or balance is not None
+    if not (group.is_main or method.calibrated):
+        return None  # under a launcher, only calibration runs are shared; the main process does the rest
+    calibration = request.calibration
+    loraset = read_set(request.base, loras, request.allow_pickle)
+    device = group.device or pick_device(request.device)
     if needs_runs:
         from .calibration.pipeline import default_size, load_pipeline
         from .calibration.prompts import read_prompts, trigger_prompts
 
-        prompts = tuple(read_prompts(calibration.prompts) or trigger_prompts(pair))
-        pipe = load_pipeline(base, device)
+        prompts = tuple(read_prompts(calibration.prompts) or trigger_prompts(loraset))
+        pipe = load_pipeline(request.base, device)
         size = calibration.size or default_size(pipe)
     search = None
-    if method in rules.CALIBRATED:
+    if method.calibrated:
         if balance is not None:
             from .calibration.balance import feature_kl_knob
 
-            knob = feature_kl_knob(pipe, pair, options.temperature)
-            search = _search_balance(pipe, pair, method, base, balance, knob, prompts, calibration, steps, size,
-                                     output, device, search_bar)
-            options = replace(options, gamma_scale=search.chosen.gamma_scale)
-        calibrated = _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar, group)
+            knob = feature_kl_knob(pipe, loraset, method.settings(options).temperature)
+            search = _search_balance(pipe, loraset, method, request.base, balance, knob, prompts, calibration, steps,
+                                     size, output, device, search_bar)
+            options = options.replace(gamma_scale=search.chosen.gamma_scale)
+        calibrated = _calibrated(pipe, request.base, loraset, method, options, calibration, prompts, steps, size,
+                                 output, bar, group)
         if calibrated is None:
             return None
         schedule, params = calibrated
         if search is not None:
             params["balance"] = search.record()
-        scores, decided = {}, len(pair.decided)
+        scores, decided = {}, len(loraset.decided)
     else:
         probe = None
-        if method == "est" and options.beta is None:
+        if probe_needed:
             from .calibration.probes import probe_beta
 
-            probe = probe_beta(pipe, pair, prompts[0], calibration.embedder, steps, calibration.guidance, size)
-            options = replace(options, beta=probe["beta"])
-        pair = rules.prepare(method, pair, options)
-        rule, params = rules.build(method, pair, options, device, progress, steps)
+            probe = probe_beta(pipe, loraset, prompts[0], calibration.embedder, steps, calibration.guidance, size)
+            options = options.replace(beta=probe["beta"])
+        loraset = method.prepare(loraset, options)
+        rule, params = method.build(loraset, options, device, progress, steps)
         if balance is not None:
             from .calibration.balance import switch_knob
 
-            search = _search_balance(pipe, pair, method, base, balance, switch_knob(rule, params), prompts,
-                                     calibration, steps, size, output, device, search_bar)
-            rule, params = rules.rebalance(rule, params, search.chosen.beta, search.chosen.gamma_scale)
+            search = _search_balance(pipe, loraset, method, request.base, balance, switch_knob(rule, params),
+                                     prompts, calibration, steps, size, output, device, search_bar)
+            rule, params = method.rebalance(rule, params, search.chosen.beta, search.chosen.gamma_scale)
             params["balance"] = search.record()
         if probe is not None:
             params["beta_source"] = probe
         params["steps"] = steps
-        schedule = from_rule(rule, pair)
-        if not any(pair.is_denoiser(name) for name in schedule.layers):
-            raise LoraschedError(f"{output}: --method {method} leaves every denoiser layer without a LoRA for the "
-                                 "whole run; nothing to write")
+        schedule = from_rule(rule, loraset)
+        if not any(loraset.is_denoiser(name) for name in schedule.layers):
+            raise LoraschedError(f"{output}: --method {method.name} leaves every denoiser layer without a LoRA for "
+                                 "the whole run; nothing to write")
         scores, decided = getattr(rule, "scores", {}), len(rule.layers)
-    export.export(output, pair, schedule, method=method, params=params, scores=scores, dtype=dtype,
-                  tensor_format=tensor_format)
-    return MergeResult(Path(output), method, schedule, params, decided, search)
+    export.export(output, loraset, schedule, method=method.name, params=params, scores=scores, dtype=request.dtype,
+                  tensor_format=request.tensor_format)
+    return MergeResult(Path(output), method.name, schedule, params, decided, search)
 
 
-def _calibrated(pipe, base, pair, options, calibration, prompts, steps, size, output, bar,
-                group: Group) -> tuple[Schedule, dict] | None:
-    """feature-kl: calibration runs (resumed from the log when it has them), then the consensus schedule; None on
-    the processes of a launch other than the main one."""
+def _calibrated(pipe, base, loras, method: Method, options: RuleOptions, calibration, prompts, steps, size,
+                output, bar, group: Group) -> tuple[Schedule, dict] | None:
+    """A calibrated method: calibration runs (resumed from the log when it has them), then the consensus schedule;
+    None on the processes of a launch other than the main one."""
     from .calibration.aggregate import aggregate
     from .calibration.runner import Settings, calibrate
-    from .merge.rules.feature_kl import FeatureKLRule
 
-    settings = Settings(
-        method="feature-kl",
+    settings = method.settings(options)
+    runs = Settings(
+        method=method.name,
         prompts=prompts,
         seeds=calibration.seeds,
         steps=steps,
         guidance=calibration.guidance,
         height=size,
         width=size,
-        pair=tuple(source.lora.sha256 for source in pair.sources),
+        pair=tuple(source.lora.sha256 for source in loras.sources),
         base=_base_id(base),
-        temperature=options.temperature,
-        gamma_scale=options.gamma_scale,
+        temperature=settings.temperature,
+        gamma_scale=settings.gamma_scale,
     )
     log_path = Path(calibration.log or f"{output}.calibration.jsonl")
-    progress_bar = bar(len(settings.runs()) * steps) if bar and group.is_main else None
+    progress_bar = bar(len(runs.runs()) * steps) if bar and group.is_main else None
     try:
-        log = calibrate(pipe, pair, FeatureKLRule(temperature=options.temperature), settings, log_path,
-                        calibration.batch_size, progress_bar, group)
+        log = calibrate(pipe, loras, method.balance_run_rule(options), runs, log_path, calibration.batch_size,
+                        progress_bar, group)
     finally:
         if progress_bar is not None:
             progress_bar.close()
     if log is None:
         return None
-    schedule = aggregate(log, pair, calibration.min_run)
+    schedule = aggregate(log, loras, calibration.min_run)
     shares = [share for values in schedule.agreement.values() for share in values]
-    rule = FeatureKLRule.balanced(log.gamma, options.gamma_scale, tuple(s.role for s in pair.sources),
-                                  options.temperature)
-    params = {
-        **({"gamma": rule.gamma} if rule.balances is None else {"balances": list(rule.balances)}),
-        "gamma_scale": options.gamma_scale,
-        "temperature": options.temperature,
-        "steps": steps,
-        "calibration": {
-            "prompts": list(prompts),
-            "seeds": list(calibration.seeds),
-            "guidance": calibration.guidance,
-            "size": size,
-            "runs": len(log.runs),
-            "min_run": calibration.min_run,
-            "log": log_path.name,
-            "mean_agreement": sum(shares) / len(shares),
-        },
-    }
+    _, params = method.calibrated_rule(log.gamma, options, tuple(s.role for s in loras.sources))
+    params.update(steps=steps, calibration={
+        "prompts": list(prompts),
+        "seeds": list(calibration.seeds),
+        "guidance": calibration.guidance,
+        "size": size,
+        "runs": len(log.runs),
+        "min_run": calibration.min_run,
+        "log": log_path.name,
+        "mean_agreement": sum(shares) / len(shares),
+    })
     return schedule, params
 
 
@@ -266,7 +269,7 @@ def _search_balance(pipe, pair, method, base, balance: Balance, knob, prompts, c
 
     judge = load_judge(balance.clip, balance.dino, balance.subject_images, balance.style_images, device)
     settings = SearchSettings(
-        method=method, candidates=grid(knob.beta, balance.betas, balance.gamma_scales), prompts=tuple(prompts),
+        method=method.name, candidates=grid(knob.beta, balance.betas, balance.gamma_scales), prompts=tuple(prompts),
         seeds=calibration.seeds, steps=steps, guidance=calibration.guidance, size=size,
         pair=(pair.subject.sha256, pair.style.sha256), references=(judge.subject.sha256, judge.style.sha256),
         clip=balance.clip, dino=balance.dino, base=_base_id(base), rule=knob.fixed,
@@ -324,22 +327,22 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
 
     read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file
     scheduled = fileformat.read(path)
-    steps = steps or int(scheduled.params.get("steps", 30))
+    steps = steps or int(scheduled.params.get("steps", REFERENCE_STEPS))
     check_steps(steps)
     check_size(size)
     check_report_dir(report_dir)
     prompts = read_prompts(tuple(prompts))
     if not prompts:
         raise LoraschedError(f"{path}: verify needs at least one held-out prompt (--prompts)")
-    pair = None
+    loras = None
     if sources:
         specs = [LoraSpec(path, role) for path, role in sources]
         given = ", ".join(f"{spec.role} {spec.path}" for spec in specs)
         made = ", ".join(f"{s.role} {s.file}" for s in scheduled.sources)
         if [spec.role for spec in specs] != list(scheduled.roles):
             raise LoraschedError(f"{path}: was made from {made}; give those with --subject and --style, not {given}")
-        pair = read_set(base, specs)
-        if [s.lora.sha256 for s in pair.sources] != [s.sha256 for s in scheduled.sources]:
+        loras = read_set(base, specs)
+        if [s.lora.sha256 for s in loras.sources] != [s.sha256 for s in scheduled.sources]:
             raise LoraschedError(f"{path}: was made from {made}, not from {given} (sha256 differs)")
     group = group or distributed.current()
     pipe = load_pipeline(base, group.device or pick_device(device))
@@ -347,7 +350,7 @@ def verify_file(path, base: str, prompts, seeds, steps: int | None, guidance: fl
     mine = len(group.share(range(len(prompts) * len(seeds))))  # this process's runs, each generated twice
     progress = bar(2 * mine) if bar and group.is_main else None
     try:
-        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, pair, progress, group)
+        result = verify(pipe, path, prompts, list(seeds), steps, guidance, size, mode, loras, progress, group)
     finally:
         if progress is not None:
             progress.close()

@@ -53,10 +53,7 @@ def replay(base: str, path: str) -> None:
     scheduled = fileformat.read(path)
     folder = Path(path).parent
     pair = read_pair(base, *(str(folder / source.file) for source in scheduled.sources))
-    params = scheduled.params
-    options = rules.RuleOptions(alpha=params["alpha"], beta=params["beta"], pattern=params["pattern"],
-                                gamma=params["gamma_mode"], gamma_scale=params.get("gamma_scale", 1.0))
-    rule, _ = rules.build(scheduled.method, pair, options)
+    rule = rules.from_file(scheduled)  # the rule the file was made with, from its params and recorded scores
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)
 

@@ -18,7 +18,7 @@ from .online import CODES, DIGITS
 from .runner import Log
 
 SOURCE_OF = {code: selection for selection, code in CODES.items()} | {d: (i,) for i, d in enumerate(DIGITS)}
-PREFERENCE = ("c", "s", "b", *DIGITS)  # tie order among equally many votes (max keeps the first)
+PREFERENCE = ("c", "s", "b", "n", *DIGITS)  # tie order among equally many votes (max keeps the first)
 
 
 def _level(call: dict) -> float:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from lorasched.merge.clock import Clock
 from lorasched.merge.lora import BOTH, STATIC, STYLE, SUBJECT, LoraModule, LoraSet
 from lorasched.merge.names import get_module
-from lorasched.merge.rules.feature_kl import FeatureKLRule, divergences
+from lorasched.merge.rules.feature_kl import divergences
 
 
-CODES = {(0,): "c", (1,): "s", (0, 1): "b"}  # a pair's selections as the calibration log writes them
+CODES = {(0,): "c", (1,): "s", (0, 1): "b", (): "n"}  # a pair's selections as the calibration log writes them
 DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # several subjects or styles: the winning source's index
 
 
@@ -63,7 +63,7 @@ class OnlineRule:
 
     def __init__(self, pipe, pair: LoraSet, rule, record: bool = False, samples: int | None = None) -> None:
         self.pipe, self.pair, self.rule, self.record, self.samples = pipe, pair, rule, record, samples
-        self.decided = set(pair.decided if isinstance(rule, FeatureKLRule) else rule.layers)
+        self.decided = set(pair.decided if rule.reads_features else rule.layers)
         self.statics = set(pair.indices(STATIC))
         self.clock = Clock.of(pipe)
         self.call: Call | None = None
@@ -73,7 +73,7 @@ class OnlineRule:
     def _decide(self, name: str, module, x: torch.Tensor, output: torch.Tensor, factors: dict) -> torch.Tensor:
         """The decided layer's output; records the choice (and scores). A weight-only rule runs only the chosen
         LoRAs' paths; a feature rule needs both to decide."""
-        if not isinstance(self.rule, FeatureKLRule):
+        if not self.rule.reads_features:
             riders = tuple(i for i in factors if i in self.statics)
             selection = tuple(sorted(self.rule.choose(name, self.call.p) + riders))
             if self.record and self.pair.is_pair:  # the calibration log's codes; only a pair's choices have one

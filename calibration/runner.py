@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import LoraSet
-from lorasched.merge.rules.feature_kl import FeatureKLRule, balance
+from lorasched.merge.rules.feature_kl import balance
 
 from .distributed import Group
 from .online import OnlineRule
@@ -173,7 +173,7 @@ def _open_log(pipe, pair: LoraSet, rule, settings: Settings, path: Path) -> Log:
             raise LoraschedError(f"{path}: calibration log was made with other settings; give a new --log path")
         return log
     gamma = None
-    if isinstance(rule, FeatureKLRule) and not rule.calibrated:
+    if rule.reads_features and not rule.calibrated:
         gamma = gamma_from_balance_run(Runner(pipe, pair, settings).run(rule, [settings.prompts[0]], settings.seeds[0]),
                                        pair)
     log = Log(settings=settings, layers=pair.decided, gamma=gamma, runs=[])
@@ -198,9 +198,8 @@ def calibrate(pipe, pair: LoraSet, rule, settings: Settings, path: Path, batch_s
     path = Path(path)
     log = _together(group, lambda: _open_log(pipe, pair, rule, settings, path) if group.is_main else None)
     log = log or read_log(path)
-    if isinstance(rule, FeatureKLRule):
-        rule = FeatureKLRule.balanced(log.gamma, settings.gamma_scale, tuple(s.role for s in pair.sources),
-                                      rule.temperature)
+    if rule.reads_features:
+        rule = rule.with_balance(log.gamma, settings.gamma_scale, tuple(s.role for s in pair.sources))
     done = log.done() | {(run["prompt"], run["seed"]) for shard in _shards(path) for run in _shard_runs(shard, settings)}
     if bar is not None:
         bar.update(len(done) * settings.steps)

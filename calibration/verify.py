@@ -20,7 +20,6 @@ from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import STATIC, LoraFile, LoraModule, LoraSet, Source, denoiser_name
 from lorasched.merge.replay import attach, source_factors
 from lorasched.merge.report import decided_layers
-from lorasched.merge.rules.feature_kl import FeatureKLRule
 from lorasched.merge.schedule import AXIS_PROGRESS
 
 from .distributed import Group
@@ -160,7 +159,7 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
     pair = pair or loras_from_file(scheduled, pipe)
     rule = rules.from_file(scheduled)
     layers = decided_layers(scheduled)
-    feature_rule = isinstance(rule, FeatureKLRule)
+    feature_rule = rule.reads_features
     if feature_rule and not set(layers) <= set(pair.decided):
         missing = len(set(layers) - set(pair.decided))
         raise LoraschedError(f"{path}: the file drops an unused LoRA's factors on {missing} layers; the online "

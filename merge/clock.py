@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LoraschedError
 from .schedule import AXES, AXIS_PROGRESS
 
 
@@ -30,7 +31,7 @@ class Clock:
 
     def __init__(self, scheduler, axis: str = AXIS_PROGRESS, scale: float = 1.0) -> None:
         if axis not in AXES:
-            raise ValueError(f"unknown time axis {axis!r}")
+            raise LoraschedError(f"unknown time axis {axis!r}")
         self.scheduler, self.axis, self.scale = scheduler, axis, scale
         self.train_steps = float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
         self._source = None
@@ -57,7 +58,7 @@ class Clock:
     def progress(self, t: float) -> float:
         values = self._distinct()
         if not values:
-            raise RuntimeError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
+            raise LoraschedError("the scheduler has no timesteps set; call the pipeline, not the denoiser alone")
         return min((abs(v - t), i) for i, v in enumerate(values))[1] / len(values)
 
     def noise(self, t: float) -> float:

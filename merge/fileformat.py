@@ -1,7 +1,8 @@
 """Writing the scheduled LoRA file (metadata, deterministic atomic streamed write) and reading it as the converter does.
 
-The schema and the reader every consumer shares are `schema.py`; this module adds what only lorasched itself
-checks: the method and its params. Import-light on purpose (torch, safetensors, json). docs/FORMAT.md is the schema.
+The schema and the reader every consumer shares are `schema.py` (the replay hook and the host packs read with it);
+this module adds what only lorasched itself checks: the method and its params, each method's own checks asked of
+the method registry. docs/FORMAT.md is the schema.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Callable
 
 import torch
 
+from . import rules
 from .errors import FormatError
 from .schedule import Schedule
 from .schema import (FORMAT_VERSION, KEY_METHOD, KEY_MODULES, KEY_PARAMS, KEY_SCHEDULE, KEY_SOURCES,
                      KEY_TENSOR_FORMAT, KEY_TENSOR_HASH, KEY_VERSION, ScheduledFile, is_scheduled, tensor_sha256)
 from .schema import read as read_schema
+from .rules.method import Method, ParamsCheck, finite
 from .tensorfile import DTYPE_NAMES, LAYOUT_RANK
 
 __all__ = ["FORMAT_VERSION", "KEY_METHOD", "KEY_MODULES", "KEY_PARAMS", "KEY_SCHEDULE", "KEY_SOURCES",
@@ -139,22 +142,11 @@ def read(path: str | Path, with_tensors: bool = False) -> ScheduledFile:
     return scheduled
 
 
-METHOD_PARAMS = {"klora": ("alpha", "beta"), "est": ("alpha", "beta"), "direct": (),
-                 "feature-kl": ("temperature",), "np-lora": ("mu",), "switch": ("period", "steps"),
-                 "windows": ("subject_end", "style_start"), "blocks": ()}
-NESTED_PARAMS = {  # what inspect shows of them
+NESTED_PARAMS = {  # records any method's params may hold (inspect shows them)
     "calibration": ("prompts", "seeds", "guidance", "size", "mean_agreement", "log"),
     "beta_source": ("similarity", "embedder", "prompt", "seed", "steps"),
     "balance": ("objective", "candidates", "chosen", "prompts", "seeds", "steps", "size", "clip", "dino", "log"),
 }
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class _Checker:
@@ -178,28 +170,20 @@ class _Checker:
             self.fail(key, f"is not a JSON {'object' if kind is dict else kind.__name__}")
         return value
 
-    def method(self) -> str:
-        method = self.metadata.get(KEY_METHOD)
-        if method not in METHOD_PARAMS:
-            self.fail(KEY_METHOD, f"is {method!r}, not one of {', '.join(METHOD_PARAMS)}")
-        return method
+    def method(self) -> Method:
+        name = self.metadata.get(KEY_METHOD)
+        if name not in rules.names():
+            self.fail(KEY_METHOD, f"is {name!r}, not one of {', '.join(rules.names())}")
+        return rules.get(name)
 
-    def params(self, method: str, roles: tuple[str, ...]) -> dict:
+    def params(self, method: Method, roles: tuple[str, ...]) -> dict:
         params = self.json(KEY_PARAMS, dict)
-        for name in METHOD_PARAMS[method]:
-            if not _finite(params.get(name)):
-                self.fail(KEY_PARAMS, f"needs a finite number {name!r} for {method} (has {params.get(name)!r})")
-        if method in ("klora", "est"):
-            self.gammas(params, roles)
-        if method == "feature-kl" and not _finite(params.get("gamma")) and not (
-                isinstance(params.get("balances"), list) and len(params["balances"]) == len(roles) and
-                all(b is None or (_finite(b) and b > 0) for b in params["balances"])):
-            self.fail(KEY_PARAMS, "needs a finite 'gamma' (a pair) or one positive 'balances' entry per source for "
-                                  "feature-kl")
-        self.method_params(method, params, roles)
+        check = ParamsCheck(lambda problem: self.fail(KEY_PARAMS, problem))
+        check.numbers(params, method.numbers, method.name)
+        method.check_params(params, roles, check)
         if "steps" in params and not (isinstance(params["steps"], int) and params["steps"] >= 1):
             self.fail(KEY_PARAMS, f"has steps {params['steps']!r}, not a positive integer")
-        if "gamma_scale" in params and not (_finite(params["gamma_scale"]) and params["gamma_scale"] > 0):
+        if "gamma_scale" in params and not (finite(params["gamma_scale"]) and params["gamma_scale"] > 0):
             self.fail(KEY_PARAMS, f"has gamma_scale {params['gamma_scale']!r}, not a positive number")
         for name, fields in NESTED_PARAMS.items():
             if name in params and not (isinstance(params[name], dict) and set(fields) <= set(params[name])):
@@ -219,38 +203,10 @@ class _Checker:
         knobs = [(c.get("beta"), c.get("gamma_scale")) for c in candidates]
         for (beta, scale), candidate in zip(knobs, candidates):
             scores = candidate.get("scores")
-            if not ((beta is None or _finite(beta)) and _finite(scale) and isinstance(scores, dict) and scores
-                    and all(_finite(value) for value in scores.values())):
+            if not ((beta is None or finite(beta)) and finite(scale) and isinstance(scores, dict) and scores
+                    and all(finite(value) for value in scores.values())):
                 self.fail(KEY_PARAMS, f"has balance candidate beta={beta!r} gamma_scale={scale!r} without finite "
                                       "knobs and scores")
         chosen = search["chosen"]
         if not (isinstance(chosen, dict) and (chosen.get("beta"), chosen.get("gamma_scale")) in knobs):
             self.fail(KEY_PARAMS, f"has balance chosen {chosen!r}, which is none of its candidates")
-
-    def gammas(self, params: dict, roles: tuple[str, ...]) -> None:
-        """A switch's balance: one finite `gamma` (a pair), or a `gammas` entry for every subject/style pairing and
-        per source `norms`."""
-        if "gammas" not in params:
-            if not _finite(params.get("gamma")):
-                self.fail(KEY_PARAMS, f"needs a finite number 'gamma' (has {params.get('gamma')!r})")
-            return
-        gammas, norms = params["gammas"], params.get("norms")
-        pairings = {(i, j) for i, a in enumerate(roles) for j, b in enumerate(roles) if (a, b) == ("subject", "style")}
-        if not (isinstance(gammas, list) and all(isinstance(g, list) and len(g) == 3 and _finite(g[2]) for g in gammas)
-                and {tuple(g[:2]) for g in gammas} == pairings and len(gammas) == len(pairings)
-                and isinstance(norms, list) and len(norms) == len(roles) and all(_finite(n) for n in norms)):
-            self.fail(KEY_PARAMS, "has gammas that are not one [subject, style, γ] per pairing of its sources, with "
-                                  "one finite norm per source")
-
-    def method_params(self, method: str, params: dict, roles: tuple[str, ...]) -> None:
-        """The scheduled methods' own parameters, as their rules read them back."""
-        if method == "switch":
-            order, switched = params.get("order"), [i for i, role in enumerate(roles) if role != "static"]
-            if not (isinstance(order, list) and sorted(order) == switched and _count(params["period"])):
-                self.fail(KEY_PARAMS, f"has switch order {order!r} and period {params['period']!r}, not every "
-                                      "subject and style once and a positive whole number of steps")
-        if method == "windows" and not all(0 <= params[key] <= 1 for key in ("subject_end", "style_start")):
-            self.fail(KEY_PARAMS, "has windows outside [0, 1]")
-        if method == "np-lora" and not (params["mu"] >= 0 and (params.get("directions") is None or
-                                                               _count(params["directions"]))):
-            self.fail(KEY_PARAMS, f"has mu {params['mu']!r} or directions {params.get('directions')!r} out of range")

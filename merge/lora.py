@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from .errors import LoraschedError
 from .names import SgmLayout
 
 SUBJECT = "subject"
@@ -161,7 +162,7 @@ class LoraSet:
     def source(self, role: str) -> LoraFile:
         """The one LoRA of a role, in a pair."""
         if not self.is_pair:
-            raise ValueError("only a subject/style pair has one LoRA per role")
+            raise LoraschedError("only a subject/style pair has one LoRA per role")
         return self.sources[SOURCES.index(role)].lora
 
     def selection(self, choice: str) -> Selection:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import LoraschedError
+
 TEXT_MODEL = "text_model."
 _SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
                "conv_shortcut": "skip_connection"}
@@ -90,7 +92,7 @@ class SgmLayout:
             inner = "1" if parts[2] == "attentions" else "0"
             block, rest = ["output_blocks", str(int(parts[1]) * per_level + int(parts[3])), inner], parts[4:]
         else:
-            raise ValueError(f"{path}: no SGM name for this UNet module")
+            raise LoraschedError(f"{path}: no SGM name for this UNet module")
         if "resnets" in parts[:3]:  # LDM names a resnet's layers by position in its Sequentials
             rest = [_SGM_RESNET.get(rest[0], rest[0])] + rest[1:]
         return ".".join(block + rest)

@@ -14,7 +14,8 @@ switch points. Two modes:
   not all of them with zero scales). Honors the LoRA scale, costs a plain unfused LoRA; switching recompiles a
   compiled denoiser.
 
-Import-light on purpose: torch, safetensors, json (through fileformat and schema) and the objects it is handed.
+Import-light on purpose: torch, safetensors, json (through schema, the reader every host shares: the schedule is
+what replays, so the method's own params are not its to check) and the objects it is handed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from functools import partial
 
 import torch
 
-from . import fileformat
+from . import schema
 from .clock import Clock
 from .errors import LoraschedError
 from .lora import Selection, denoiser_name
@@ -43,7 +44,7 @@ def adapter_names(roles: tuple[str, ...]) -> list[str]:
             for i, role in enumerate(roles)]
 
 
-def source_factors(scheduled: fileformat.ScheduledFile) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+def source_factors(scheduled: schema.ScheduledFile) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """Per module, per source index, (down, up) with the static weight divided out (`ScheduledFile.factors`)."""
     return {name: scheduled.factors(name) for name in scheduled.modules}
 
@@ -103,7 +104,7 @@ class _Track:
         return self.selections[bisect.bisect_right(self.starts, p) - 1]
 
 
-def resolve_layers(pipe, scheduled: fileformat.ScheduledFile) -> dict[str, torch.nn.Module]:
+def resolve_layers(pipe, scheduled: schema.ScheduledFile) -> dict[str, torch.nn.Module]:
     """Every scheduled module of `pipe`, checked against its factors' shapes before anything is changed."""
     layers = {}
     for name, record in scheduled.modules.items():
@@ -127,7 +128,7 @@ class ReplayHandle:
     """What `attach` returns: the installed schedule. `detach()` (or leaving a `with attach(...)` block) gives the
     pipeline back as it was, removing only what `attach` added."""
 
-    def __init__(self, pipe, scheduled: fileformat.ScheduledFile, mode: str) -> None:
+    def __init__(self, pipe, scheduled: schema.ScheduledFile, mode: str) -> None:
         self.pipe, self.file, self.schedule, self.mode = pipe, scheduled, scheduled.schedule, mode
         self.adapters = adapter_names(scheduled.roles)
         layers = resolve_layers(pipe, scheduled)
@@ -275,7 +276,7 @@ def attach(pipe, path, mode: str = "fused") -> ReplayHandle:
     if attached is not None and attached.attached:
         raise LoraschedError(f"{path}: this pipeline already replays {attached.file.path}; detach it first (two "
                              "schedules on one pipeline would rewrite each other's layers)")
-    scheduled = fileformat.read(path, with_tensors=True)
+    scheduled = schema.read(path, with_tensors=True)
     handle = ReplayHandle(pipe, scheduled, mode)
     _ATTACHED[pipe] = handle
     return handle

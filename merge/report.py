@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 
+from . import rules
 from .fileformat import KEY_VERSION, ScheduledFile
-from .schedule import AXIS_PROGRESS, Schedule
+from .schedule import AXIS_PROGRESS, REFERENCE_STEPS, Schedule
 
 
 def first_step(p: float, steps: int) -> int:
@@ -45,13 +46,13 @@ def describe_phases(phases, steps: int, schedule: Schedule, labels: list[str]) -
 def summary_lines(scheduled: ScheduledFile) -> list[str]:
     schedule = scheduled.schedule
     params = dict(scheduled.params)
-    steps = int(params.pop("steps", 30))
+    steps = int(params.pop("steps", REFERENCE_STEPS))
     calibration = params.pop("calibration", None)
     probe = params.pop("beta_source", None)
     search = params.pop("balance", None)
     gammas, norms, balances = params.pop("gammas", None), params.pop("norms", None), params.pop("balances", None)
     labels = source_labels(scheduled.roles)
-    setting = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+    setting = rules.get(scheduled.method).setting(params)
     switching = sum(1 for phases in schedule.layers.values() if len(phases) > 1)
     size_mb = os.path.getsize(scheduled.path) / 2**20
     lines = [
@@ -119,7 +120,7 @@ def balance_lines(search: dict) -> list[str]:
 
 def table_lines(scheduled: ScheduledFile, max_layers: int | None = None) -> list[str]:
     schedule = scheduled.schedule
-    steps = int(scheduled.params.get("steps", 30))
+    steps = int(scheduled.params.get("steps", REFERENCE_STEPS))
     names = sorted(schedule.layers)
     width = max(len(name) for name in names)
     labels = source_labels(scheduled.roles)

@@ -18,7 +18,11 @@ from __future__ import annotations
 from .lora import STATIC, LoraSet, Selection
 from .schema import AXES, AXIS_NOISE, AXIS_PROGRESS, Phase, Schedule
 
-__all__ = ["AXES", "AXIS_NOISE", "AXIS_PROGRESS", "Phase", "Schedule", "constant", "fixed_phases", "from_rule",
+# The step count a weight-only file is described at (inspect's steps, switch's turns) when none is given: the files
+# replay at any count.
+REFERENCE_STEPS = 30
+
+__all__ = ["AXES", "AXIS_NOISE", "AXIS_PROGRESS", "Phase", "REFERENCE_STEPS", "Schedule", "constant", "fixed_phases", "from_rule",
            "with_riders"]
 
 

@@ -185,7 +185,7 @@ def test_feature_kl_balance_searches_the_gamma_scale_and_calibrates_with_it(tiny
         (["--balance", "auto", "--subject-images", "no/such/dir", "--style-images", "R"], "no such folder"),
         (["--subject-images", "R"], "need --balance auto"),
         (["--gamma-scale", "0"], "--gamma-scale 0.0: must be a positive"),
-        (["--method", "direct", "--gamma-scale", "2"], "direct has no balance γ"),
+        (["--method", "direct", "--gamma-scale", "2"], "--gamma-scale: only --method klora or est or feature-kl takes it"),
     ],
 )
 def test_bad_balance_input_is_one_line_exit_2(tiny_base, kohya_pair, references, tiny_embedders, tmp_path, extra,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lorasched.convert import Calibration, merge_loras
+from lorasched.convert import Calibration, MergeRequest, merge_loras
 from lorasched.merge import rules
 from lorasched.merge.checks import LoraSpec
 from lorasched.tiny import random_kohya_lora
@@ -28,7 +28,7 @@ MANY = ("subject", "subject2", "style", "static")
 # case -> (method, the LoRAs by name, options); every method with two LoRAs, every one that takes N with four
 CASES = {
     "klora": ("klora", PAIR, {}),
-    "klora-s*-global": ("klora", PAIR, {"pattern": "s*", "gamma": "global"}),
+    "klora-s*-global": ("klora", PAIR, {"pattern": "s*", "gamma_mode": "global"}),
     "est": ("est", PAIR, {"beta": 0.3}),
     "direct": ("direct", PAIR, {}),
     "np-lora": ("np-lora", PAIR, {}),
@@ -80,13 +80,13 @@ def _merge(case: str, base: Path, loras: dict[str, Path], folder: Path) -> Path:
     specs = [LoraSpec(str(loras[name]), name.rstrip("2")) for name in names]
     output = folder / f"{case}.safetensors"
     calibration = Calibration(prompts=("a photo of sks dog",), seeds=(0,), size=32, log=str(folder / f"{case}.log"))
-    merge_loras(str(base), specs, str(output), method, rules.RuleOptions(**options), steps=6, device="cpu",
-                calibration=calibration)
+    merge_loras(MergeRequest(str(base), tuple(specs), str(output), method, rules.RuleOptions(**options), steps=6,
+                             device="cpu", calibration=calibration))
     return output
 
 
 def test_the_cases_cover_every_method():
-    assert {method for method, _, _ in CASES.values()} == set(rules.METHODS)
+    assert {method for method, _, _ in CASES.values()} == set(rules.names())
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -79,3 +79,43 @@ def test_the_schema_module_stands_alone():
     modules = {alias.name.split(".")[0] for node in body if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module.split(".")[0] for node in body if isinstance(node, ast.ImportFrom)}
     assert all(node.level == 0 for node in body if isinstance(node, ast.ImportFrom)) and modules <= allowed, modules
+
+
+PACKAGE_SOURCES = [path for path in ROOT.rglob("*.py")
+                   if path.relative_to(ROOT).parts[0] not in ("tests", "benchmarks", "docs", "comfyui-lorasched",
+                                                               "sd-webui-lorasched", "build")
+                   and not path.relative_to(ROOT).parts[0].startswith(".")]
+
+
+def _method_tests(source: str, label: str, names: set[str]) -> list[str]:
+    """Comparisons with a method name string, and isinstance checks against a `…Rule` class, in source code."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                if any(isinstance(value, ast.Constant) and value.value in names for value in values):
+                    found.append(f"{label}:{node.lineno}: {ast.unparse(node)}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            if any((kind.attr if isinstance(kind, ast.Attribute) else getattr(kind, "id", "")).endswith("Rule")
+                   for kind in kinds):
+                found.append(f"{label}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_outside_the_registry_names_a_method_or_checks_a_rule_class():
+    """A method is resolved once into its `Method` (merge/rules): nothing else compares a name with one or asks
+    which rule class it holds."""
+    from lorasched.merge import rules
+
+    assert len(PACKAGE_SOURCES) > 30
+    outside = [path for path in PACKAGE_SOURCES if path.parent != ROOT / "merge" / "rules"]
+    found = [hit for path in outside
+             for hit in _method_tests(path.read_text(), str(path.relative_to(ROOT)), set(rules.names()))]
+    assert not found, "\n".join(found)
+
+
+def test_the_scan_finds_what_it_looks_for():
+    source = "if method == 'klora' or m in ('x', 'est'):\n    pass\nok = isinstance(rule, (int, FeatureKLRule))\n"
+    assert len(_method_tests(source, "probe", {"klora", "est"})) == 3

@@ -9,6 +9,7 @@ from conftest import generate as generate_sd
 from conftest import run
 from lorasched.calibration.online import OnlineRule
 from lorasched.merge import fileformat, rules
+from lorasched.merge.errors import LoraschedError
 from lorasched.merge.lora import STATIC, STYLE, SUBJECT, LoraFile, LoraModule, LoraSet, Source
 from lorasched.merge.lora_io import read_pair
 from lorasched.merge.names import get_module
@@ -71,7 +72,7 @@ def test_blocks_send_named_blocks_to_one_role_and_keep_both_elsewhere():
     assert [rule.phases(n) for n in names] == [[(0.0, (0,))], [(0.0, (1,))], [(0.0, (0, 1))]]
     assert blocks.parse_blocks("subject=a*,style=b*,style=c*") == {SUBJECT: ("a*",), STYLE: ("b*", "c*")}
     sd = LoraSet.pair(*files, denoiser="unet")
-    with pytest.raises(Exception, match="no established content/style block split"):
+    with pytest.raises(LoraschedError, match="no established content/style block split"):
         blocks.block_globs(sd, None)
 
 

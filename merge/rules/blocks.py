@@ -13,7 +13,9 @@ import fnmatch
 
 from ..errors import LoraschedError
 from ..lora import STYLE, SUBJECT, LoraSet
-from .direct import DirectRule
+from ..schedule import REFERENCE_STEPS
+from .direct import DirectRule, fixed_from_file
+from .method import Method, Option, RuleOptions
 
 DEFAULT_BLOCKS = {
     "StableDiffusionXLPipeline": {SUBJECT: ("unet.up_blocks.0.attentions.0.*",),
@@ -60,3 +62,21 @@ def select(loras: LoraSet, globs: dict[str, tuple[str, ...]]) -> DirectRule:
             raise LoraschedError(f"--blocks: {role}={','.join(patterns)} matches no layer a subject and a style both "
                                  f"adapt (names look like {loras.decided[0]})")
     return DirectRule(active)
+
+
+class BlocksMethod(Method):
+    name = "blocks"
+    summary = "A static block prior: named blocks run only the subjects or only the styles (B-LoRA, SplitFlux)."
+    options = (Option("blocks", str, "blocks: `subject=<glob>,style=<glob>` module globs (default: the "
+                      "architecture's, see docs/methods.md).", problem=lambda text: parse_blocks(text) and None),)
+
+    def build(self, loras: LoraSet, options: RuleOptions, device: str | None = None, progress=iter,
+              steps: int = REFERENCE_STEPS) -> tuple[DirectRule, dict]:
+        globs = block_globs(loras, self.settings(options).blocks)
+        return select(loras, globs), {role: list(patterns) for role, patterns in globs.items()}
+
+    def rule_from_file(self, scheduled) -> DirectRule:
+        return fixed_from_file(scheduled)
+
+
+METHOD = BlocksMethod()

@@ -6,9 +6,11 @@ energy ratios the rule compares (the public code reuses K-LoRA's L1 γ; we corre
 
 from __future__ import annotations
 
+from ..errors import LoraschedError
 from ..lora import SOURCES, LoraSet
+from .method import ALPHA, BETA, GAMMA_SCALE, RuleOptions
 from .ramp import Ramp
-from .switch import SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
+from .switch import SwitchedMethod, SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
 
 DEFAULT_ALPHA = 1.5
 
@@ -23,3 +25,21 @@ def build(loras: LoraSet, beta: float, alpha: float = DEFAULT_ALPHA) -> SwitchRu
     gammas = pairing_gammas(scores, roles, lambda values: trimmed_mean_gamma([ratio(c, s) for c, s in values]))
     norms = None if loras.is_pair else means(scores, len(roles))
     return SwitchRule(scores=scores, gammas=gammas, ramp=Ramp(alpha, beta), roles=roles, norms=norms)
+
+
+class EstMethod(SwitchedMethod):
+    name = "est"
+    summary = "EST-LoRA: energy ‖ΔW‖² scores, an energy γ, ramp 1.5·p + β with β from probe images (2025)."
+    options = (ALPHA, BETA, GAMMA_SCALE)
+
+    def needs_probe(self, options: RuleOptions) -> bool:
+        return "beta" not in options
+
+    def switch(self, loras: LoraSet, settings, device: str | None, progress) -> tuple[SwitchRule, dict]:
+        if settings.beta is None:
+            raise LoraschedError("--method est needs β: give --beta, or let probe images measure it")
+        rule = build(loras, settings.beta, DEFAULT_ALPHA if settings.alpha is None else settings.alpha)
+        return rule, {"pattern": "s", "gamma_mode": "trimmed-energy", "beta_source": "given"}
+
+
+METHOD = EstMethod()

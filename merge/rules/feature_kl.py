@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .method import GAMMA_SCALE, Method, Option, ParamsCheck, RuleOptions, finite, positive
+
 DEFAULT_TEMPERATURE = 1.0
 
 
@@ -70,9 +72,16 @@ class FeatureKLRule:
         return cls(temperature=temperature, balances=tuple(
             None if b is None else b * gamma_scale if role == "subject" else b for b, role in zip(measured, roles)))
 
+    reads_features = True  # decides from each call's features: online, it needs every LoRA's output
+
     @property
     def calibrated(self) -> bool:
         return self.gamma is not None or self.balances is not None
+
+    def with_balance(self, measured: float | list[float | None] | None, gamma_scale: float,
+                     roles: tuple[str, ...]) -> FeatureKLRule:
+        """This rule's temperature, deciding with the balance `measured` by a balance run, scaled."""
+        return FeatureKLRule.balanced(measured, gamma_scale, roles, self.temperature)
 
     def subject_mask(self, d_c: torch.Tensor, d_s: torch.Tensor) -> torch.Tensor:
         return d_c > self.gamma * d_s
@@ -83,3 +92,41 @@ class FeatureKLRule:
         balanced = torch.stack([divergences[k] / self.balances[k] for k in sources])
         flipped = balanced.flip(0).argmax(0)  # argmax keeps the first maximum: flipped, that is the later source
         return torch.tensor(sources, device=flipped.device)[len(sources) - 1 - flipped]
+
+
+class FeatureKLMethod(Method):
+    name = "feature-kl"
+    summary = "Dynamic feature fusion: per layer and step, the LoRA whose features diverge most from the base's."
+    options = (Option("temperature", float, "feature-kl softmax temperature.", default=DEFAULT_TEMPERATURE,
+                      problem=positive), GAMMA_SCALE)
+    numbers = ("temperature",)
+    calibrated = True
+    balance_knob = True
+    takes_static = False  # a static LoRA would change the features it measures
+
+    def balance_run_rule(self, options: RuleOptions) -> FeatureKLRule:
+        """The rule of the balance run (every LoRA applied, divergences recorded) that fixes γ."""
+        return FeatureKLRule(temperature=self.settings(options).temperature)
+
+    def calibrated_rule(self, measured, options: RuleOptions, roles: tuple[str, ...]) -> tuple[FeatureKLRule, dict]:
+        """(rule, params) from the balance run's γ (a pair) or per-source balances, at the options' γ scale."""
+        settings = self.settings(options)
+        rule = FeatureKLRule.balanced(measured, settings.gamma_scale, roles, settings.temperature)
+        params = {**({"gamma": rule.gamma} if rule.balances is None else {"balances": list(rule.balances)}),
+                  "gamma_scale": settings.gamma_scale, "temperature": settings.temperature}
+        return rule, params
+
+    def check_params(self, params: dict, roles: tuple[str, ...], check: ParamsCheck) -> None:
+        balances = params.get("balances")
+        if not finite(params.get("gamma")) and not (
+                isinstance(balances, list) and len(balances) == len(roles) and
+                all(b is None or (finite(b) and b > 0) for b in balances)):
+            check.fail("needs a finite 'gamma' (a pair) or one positive 'balances' entry per source for feature-kl")
+
+    def rule_from_file(self, scheduled) -> FeatureKLRule:
+        params = scheduled.params
+        balances = tuple(params["balances"]) if "balances" in params else None
+        return FeatureKLRule(gamma=params.get("gamma"), temperature=params["temperature"], balances=balances)
+
+
+METHOD = FeatureKLMethod()

@@ -23,8 +23,9 @@ import numpy
 import torch
 
 from ..lora import SOURCES, STYLE, SUBJECT, LoraModule, LoraSet
+from .method import ALPHA, BETA, GAMMA_SCALE, Option
 from .ramp import Ramp
-from .switch import SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
+from .switch import SwitchedMethod, SwitchRule, means, pairing_gammas, ratio, trimmed_mean_gamma
 
 PATTERNS = {"s": Ramp(1.5, 0.5), "s*": Ramp(1.5, 1.275, wrap=True)}
 
@@ -219,3 +220,25 @@ def build(
             return trimmed_mean_gamma([ratio(c, s) for c, s in values])
     norms = None if loras.is_pair else means(l1, len(roles))
     return SwitchRule(scores=scores, gammas=pairing_gammas(l1, roles, gamma), ramp=ramp, roles=roles, norms=norms)
+
+
+class KLoraMethod(SwitchedMethod):
+    name = "klora"
+    summary = "K-LoRA: top-K |ΔW| scores, an L1 balance γ and the S(p) ramp (CVPR 2025)."
+    options = (
+        Option("pattern", tuple(PATTERNS), "K-LoRA ramp.", default="s"),
+        ALPHA, BETA,
+        Option("gamma_mode", ("trimmed", "global"), "K-LoRA balance γ: trimmed mean of per-layer L1 ratios (code) "
+               "or ratio of sums (paper).", default="trimmed", flag="--gamma"),
+        GAMMA_SCALE,
+    )
+
+    def switch(self, loras: LoraSet, settings, device: str | None, progress) -> tuple[SwitchRule, dict]:
+        rule = build(loras, settings.pattern, settings.alpha, settings.beta, settings.gamma_mode, device, progress)
+        return rule, {"pattern": settings.pattern, "gamma_mode": settings.gamma_mode}
+
+    def wraps(self, params: dict) -> bool:
+        return params.get("pattern") == "s*"
+
+
+METHOD = KLoraMethod()

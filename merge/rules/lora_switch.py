@@ -13,13 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoraschedError
-from ..lora import STYLE, SUBJECT, LoraSet, Selection
+from ..lora import STATIC, STYLE, SUBJECT, LoraSet, Selection
+from ..schedule import REFERENCE_STEPS
+from .method import Method, Option, ParamsCheck, RuleOptions, carried, count
 
 DEFAULT_PERIOD = 5  # the paper's τ
 
 
 @dataclass(frozen=True)
 class LoraSwitchRule:
+    reads_features = False  # decides from weights and time alone
+
     order: tuple[int, ...]  # the sources that take turns
     period: int  # τ, in steps of the reference run
     steps: int  # N of the reference run: turn m starts at p = m·τ / N
@@ -64,3 +68,31 @@ class LoraSwitchRule:
                 phases.append((start, selection))
             turn += 1
         return phases
+
+
+class SwitchMethod(Method):
+    name = "switch"
+    summary = "LoRA Switch: the LoRAs take turns, each active alone for τ steps, in every layer at once (2024)."
+    options = (Option("period", int, f"switch: steps each LoRA stays active before the next takes over (default "
+                      f"{DEFAULT_PERIOD}), at --steps.", default=DEFAULT_PERIOD,
+                      problem=lambda period: None if period >= 1 else "need at least 1 step"),)
+    numbers = ("period", "steps")
+
+    def build(self, loras: LoraSet, options: RuleOptions, device: str | None = None, progress=iter,
+              steps: int = REFERENCE_STEPS) -> tuple[LoraSwitchRule, dict]:
+        period = self.settings(options).period
+        rule = LoraSwitchRule.of(loras, period, steps)
+        return rule, {"period": period, "order": list(rule.order)}
+
+    def check_params(self, params: dict, roles: tuple[str, ...], check: ParamsCheck) -> None:
+        order, switched = params.get("order"), [i for i, role in enumerate(roles) if role != STATIC]
+        if not (isinstance(order, list) and sorted(order) == switched and count(params["period"])):
+            check.fail(f"has switch order {order!r} and period {params['period']!r}, not every subject and style "
+                       "once and a positive whole number of steps")
+
+    def rule_from_file(self, scheduled) -> LoraSwitchRule:
+        params = scheduled.params
+        return LoraSwitchRule(tuple(params["order"]), params["period"], params["steps"], carried(scheduled))
+
+
+METHOD = SwitchMethod()

@@ -20,6 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..lora import STYLE, SUBJECT, LoraModule, LoraSet
+from ..schedule import REFERENCE_STEPS
+from .direct import DirectRule, fixed_from_file
+from .method import Method, Option, ParamsCheck, RuleOptions, count, finite
 
 DEFAULT_MU = 0.5
 RANK_TOLERANCE = 1e-12  # singular values below this share of the largest span no direction of ΔW_s
@@ -73,3 +76,34 @@ def project(loras: LoraSet, mu: float = DEFAULT_MU, directions: int | None = Non
                 modules[name] = content.replaced(down=down)
         sources[index] = replace(sources[index], lora=replace(lora, modules=modules))
     return replace(loras, sources=tuple(sources))
+
+
+class NpLoraMethod(Method):
+    name = "np-lora"
+    summary = "NP-LoRA: each subject projected off the styles' directions, then merged directly (2025)."
+    options = (
+        Option("mu", float, f"np-lora: projection strength μ ≥ 0 (default {DEFAULT_MU}).", default=DEFAULT_MU,
+               problem=lambda mu: None if finite(mu) and mu >= 0 else "must be a non-negative finite number"),
+        Option("directions", int, "np-lora: style singular directions k projected out (default: all).",
+               problem=lambda k: None if k >= 1 else "need at least 1"),
+    )
+    numbers = ("mu",)
+
+    def prepare(self, loras: LoraSet, options: RuleOptions) -> LoraSet:
+        settings = self.settings(options)
+        return project(loras, settings.mu, settings.directions)
+
+    def build(self, loras: LoraSet, options: RuleOptions, device: str | None = None, progress=iter,
+              steps: int = REFERENCE_STEPS) -> tuple[DirectRule, dict]:
+        settings = self.settings(options)
+        return DirectRule.of(loras), {"mu": settings.mu, "directions": settings.directions}
+
+    def check_params(self, params: dict, roles: tuple[str, ...], check: ParamsCheck) -> None:
+        if not (params["mu"] >= 0 and (params.get("directions") is None or count(params["directions"]))):
+            check.fail(f"has mu {params['mu']!r} or directions {params.get('directions')!r} out of range")
+
+    def rule_from_file(self, scheduled) -> DirectRule:
+        return fixed_from_file(scheduled)
+
+
+METHOD = NpLoraMethod()

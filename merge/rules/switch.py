@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..lora import STYLE, SUBJECT, Selection
+from ..lora import STYLE, SUBJECT, LoraSet, Selection
+from ..schedule import REFERENCE_STEPS
+from .method import Method, ParamsCheck, RuleOptions, finite
 from .ramp import Ramp
 
 
@@ -60,6 +62,8 @@ class SwitchRule:
     """Scores per module and source (None where a source does not adapt it), each subject/style pairing's own γ
     (times `gamma_scale`), and the ramp S(p). `roles` and `norms` (each source's mass, see `means`) matter only
     with several subjects or styles."""
+
+    reads_features = False  # decides from weights and time alone
 
     scores: dict[str, tuple[float | None, ...]]
     gammas: dict[tuple[int, int], float]
@@ -121,3 +125,64 @@ class SwitchRule:
             if not phases or phases[-1][1] != source:
                 phases.append((start, source))
         return phases
+
+
+class SwitchedMethod(Method):
+    """A method of this family (K-LoRA, EST): per-module scores, the γs and a ramp; balanced by β and the γ scale."""
+
+    numbers = ("alpha", "beta")
+    balance_knob = True
+
+    def switch(self, loras: LoraSet, settings, device: str | None, progress) -> tuple[SwitchRule, dict]:
+        """(rule at γ scale 1, params before `rebalance`) from the weights."""
+        raise NotImplementedError
+
+    def build(self, loras: LoraSet, options: RuleOptions, device: str | None = None, progress=iter,
+              steps: int = REFERENCE_STEPS) -> tuple[SwitchRule, dict]:
+        settings = self.settings(options)
+        rule, params = self.switch(loras, settings, device, progress)
+        params.update(alpha=rule.ramp.alpha, beta=rule.ramp.beta)
+        return self.rebalance(rule, params, rule.ramp.beta, settings.gamma_scale)
+
+    def rebalance(self, rule: SwitchRule, params: dict, beta: float | None,
+                  gamma_scale: float) -> tuple[SwitchRule, dict]:
+        """The same scores under another balance: ramp offset β, and each pairing's own γ times `gamma_scale` (what
+        `--gamma-scale` sets and `--balance auto` searches). The params record the γ the rule uses, and the scale;
+        with several subjects or styles, every pairing's γ and each LoRA's mean score."""
+        rule = rule.balanced(beta, gamma_scale)
+        params = {**params, "beta": beta, "gamma_scale": gamma_scale}
+        if rule.norms is None:
+            params["gamma"] = rule.gamma
+        else:
+            params["gammas"] = [[i, j, gamma * gamma_scale] for (i, j), gamma in sorted(rule.gammas.items())]
+            params["norms"] = list(rule.norms)
+        return rule, params
+
+    def check_params(self, params: dict, roles: tuple[str, ...], check: ParamsCheck) -> None:
+        """One finite `gamma` (a pair), or a `gammas` entry for every subject/style pairing and per source
+        `norms`."""
+        if "gammas" not in params:
+            if not finite(params.get("gamma")):
+                check.fail(f"needs a finite number 'gamma' (has {params.get('gamma')!r})")
+            return
+        gammas, norms = params["gammas"], params.get("norms")
+        pairings = {(i, j) for i, a in enumerate(roles) for j, b in enumerate(roles) if (a, b) == (SUBJECT, STYLE)}
+        if not (isinstance(gammas, list) and all(isinstance(g, list) and len(g) == 3 and finite(g[2]) for g in gammas)
+                and {tuple(g[:2]) for g in gammas} == pairings and len(gammas) == len(pairings)
+                and isinstance(norms, list) and len(norms) == len(roles) and all(finite(n) for n in norms)):
+            check.fail("has gammas that are not one [subject, style, γ] per pairing of its sources, with one finite "
+                       "norm per source")
+
+    def wraps(self, params: dict) -> bool:
+        """Whether the file's ramp wraps (K-LoRA's s* pattern)."""
+        return False
+
+    def rule_from_file(self, scheduled) -> SwitchRule:
+        params = scheduled.params
+        scores = {name: record.scores for name, record in scheduled.modules.items() if record.scores is not None}
+        if "gammas" in params:
+            gammas, norms = {(i, j): gamma for i, j, gamma in params["gammas"]}, tuple(params["norms"])
+        else:
+            gammas, norms = {(0, 1): params["gamma"]}, None
+        ramp = Ramp(params["alpha"], params["beta"], self.wraps(params))
+        return SwitchRule(scores=scores, gammas=gammas, ramp=ramp, roles=scheduled.roles, norms=norms)

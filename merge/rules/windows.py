@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import parse_floats
 from ..lora import STYLE, SUBJECT, LoraSet, Selection
+from ..schedule import REFERENCE_STEPS
+from .method import Method, Option, ParamsCheck, RuleOptions, carried
 
 DEFAULT_WINDOWS = (0.7, 0.3)
 
 
 @dataclass(frozen=True)
 class WindowsRule:
+    reads_features = False  # decides from weights and time alone
+
     subject_end: float
     style_start: float
     roles: tuple[str, ...]
@@ -43,3 +48,35 @@ class WindowsRule:
                 if not phases or phases[-1][1] != selection:
                     phases.append((start, selection))
         return phases
+
+
+def _windows_problem(windows) -> str | None:
+    if len(windows) == 2 and all(0 <= w <= 1 for w in windows):
+        return None
+    return "give a,b with both in [0, 1]"
+
+
+class WindowsMethod(Method):
+    name = "windows"
+    summary = "Step windows (CRAFT-LoRA): subjects on [0, a) of denoising progress, styles on [b, 1)."
+    options = (Option("windows", str, "windows: `a,b`: subjects active on [0, a), styles on [b, 1) of denoising "
+                      f"progress (default {','.join(map(str, DEFAULT_WINDOWS))}).", default=DEFAULT_WINDOWS,
+                      problem=_windows_problem, parse=parse_floats),)
+    numbers = ("subject_end", "style_start")
+
+    def build(self, loras: LoraSet, options: RuleOptions, device: str | None = None, progress=iter,
+              steps: int = REFERENCE_STEPS) -> tuple[WindowsRule, dict]:
+        subject_end, style_start = self.settings(options).windows
+        return WindowsRule.of(loras, subject_end, style_start), {"subject_end": subject_end,
+                                                                  "style_start": style_start}
+
+    def check_params(self, params: dict, roles: tuple[str, ...], check: ParamsCheck) -> None:
+        if not all(0 <= params[key] <= 1 for key in ("subject_end", "style_start")):
+            check.fail("has windows outside [0, 1]")
+
+    def rule_from_file(self, scheduled) -> WindowsRule:
+        params = scheduled.params
+        return WindowsRule(params["subject_end"], params["style_start"], scheduled.roles, carried(scheduled))
+
+
+METHOD = WindowsMethod()

@@ -19,7 +19,7 @@ import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import torch
-from lorasched.convert import Calibration, merge_loras
+from lorasched.convert import Calibration, MergeRequest, merge_loras
 from lorasched.merge import rules
 from lorasched.merge.checks import LoraSpec
 from lorasched.merge.lora import STATIC, STYLE, SUBJECT
@@ -148,8 +148,8 @@ def _merge(base: Path, loras: tuple[Path, Path] | list[LoraSpec], output: Path, 
     if isinstance(loras, tuple):
         loras = [LoraSpec(str(loras[0]), SUBJECT), LoraSpec(str(loras[1]), STYLE)]
     calibration = options.pop("calibration", Calibration())
-    merge_loras(str(base), loras, str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
-                device="cpu", calibration=calibration)
+    merge_loras(MergeRequest(str(base), tuple(loras), str(output), method, rules.RuleOptions(**options),
+                             steps=KLORA_STEPS, device="cpu", calibration=calibration))
     return output
 
 

@@ -502,7 +502,7 @@ def make_files(folder: Path) -> SimpleNamespace:
     N-way files over two subjects and a style, LoRA Switch (turns of 2 of the 8 reference steps) and windows with
     a gap (subjects on [0, 0.3), the style on [0.6, 1)), with phases where a layer carries no LoRA; `plain`: the
     K-LoRA file without its lorasched metadata."""
-    from lorasched.convert import Calibration, merge_loras
+    from lorasched.convert import Calibration, MergeRequest, merge_loras
     from lorasched.merge import rules
     from lorasched.merge.checks import LoraSpec
     from lorasched.merge.lora import STYLE, SUBJECT
@@ -521,8 +521,8 @@ def make_files(folder: Path) -> SimpleNamespace:
 
     def merge(name: str, loras: list, method: str, calibration: Calibration = Calibration(), **options) -> Path:
         output = folder / f"{name}.safetensors"
-        merge_loras(str(base), loras, str(output), method, rules.RuleOptions(**options), steps=KLORA_STEPS,
-                    device="cpu", calibration=calibration)
+        merge_loras(MergeRequest(str(base), tuple(loras), str(output), method, rules.RuleOptions(**options),
+                                 steps=KLORA_STEPS, device="cpu", calibration=calibration))
         return output
 
     files = {

@@ -286,7 +286,7 @@ def make_files(folder: Path) -> SimpleNamespace:
     included): K-LoRA `s*` of a subject/style pair (layers that switch), and LoRA Switch over three sources (two
     subjects and a style taking turns of 2 of the 8 reference steps; layers a source does not adapt carry no LoRA
     on its turns)."""
-    from lorasched.convert import merge_loras
+    from lorasched.convert import MergeRequest, merge_loras
     from lorasched.merge import rules
     from lorasched.merge.checks import LoraSpec
     from lorasched.merge.lora import STYLE, SUBJECT
@@ -308,10 +308,10 @@ def make_files(folder: Path) -> SimpleNamespace:
     pair = [LoraSpec(paths["subject"], SUBJECT), LoraSpec(paths["style"], STYLE)]
     three = [LoraSpec(paths["subject"], SUBJECT), LoraSpec(paths["subject2"], SUBJECT, 0.8),
              LoraSpec(paths["style"], STYLE)]
-    merge_loras(str(base), pair, str(out / "klora.safetensors"), "klora", rules.RuleOptions(pattern="s*"),
-                steps=KLORA_STEPS, device="cpu")
-    merge_loras(str(base), three, str(out / "switch3.safetensors"), "switch", rules.RuleOptions(period=2),
-                steps=KLORA_STEPS, device="cpu")
+    merge_loras(MergeRequest(str(base), tuple(pair), str(out / "klora.safetensors"), "klora",
+                             rules.RuleOptions(pattern="s*"), steps=KLORA_STEPS, device="cpu"))
+    merge_loras(MergeRequest(str(base), tuple(three), str(out / "switch3.safetensors"), "switch",
+                             rules.RuleOptions(period=2), steps=KLORA_STEPS, device="cpu"))
     return SimpleNamespace(klora=out / "klora.safetensors", switch3=out / "switch3.safetensors", folder=folder,
                            inputs=paths)
 

@@ -283,7 +283,7 @@ def make_files(folder: Path) -> SimpleNamespace:
     LoRAs (denoiser only: the test model has no text encoder): a K-LoRA `s*` pair (layers switching between the
     subject and the style) and an N-way `windows` file of two subjects and a style (subjects on [0, 0.3), styles
     on [0.6, 1): LoRA-free phases between), a calibrated feature-kl pair (noise axis), and a plain LoRA."""
-    from lorasched.convert import Calibration, merge_loras
+    from lorasched.convert import Calibration, MergeRequest, merge_loras
     from lorasched.merge import rules
     from lorasched.merge.checks import LoraSpec
     from lorasched.merge.lora import STYLE, SUBJECT
@@ -300,8 +300,9 @@ def make_files(folder: Path) -> SimpleNamespace:
     spec = {name: str(folder / f"{name}.safetensors") for name in loras}
 
     def merge(output: str, specs: list, method: str, calibration: Calibration = Calibration(), **options) -> Path:
-        merge_loras(str(folder / "base"), specs, str(folder / output), method, rules.RuleOptions(**options),
-                    steps=KLORA_STEPS, device="cpu", calibration=calibration)
+        merge_loras(MergeRequest(str(folder / "base"), tuple(specs), str(folder / output), method,
+                                 rules.RuleOptions(**options), steps=KLORA_STEPS, device="cpu",
+                                 calibration=calibration))
         return folder / output
 
     pair = [LoraSpec(spec["subject"], SUBJECT), LoraSpec(spec["style"], STYLE)]

@@ -202,7 +202,7 @@ def _newer_format(source: Path, target: Path) -> None:
 def _other_size(folder: Path, target: Path) -> None:
     """A K-LoRA file merged by lorasched on a tiny SD1 pipeline whose UNet is wider (same layer names)."""
     from diffusers import UNet2DConditionModel
-    from lorasched.convert import merge_loras
+    from lorasched.convert import MergeRequest, merge_loras
     from lorasched.merge import rules
     from lorasched.merge.checks import LoraSpec
     from lorasched.merge.lora import STYLE, SUBJECT
@@ -217,8 +217,8 @@ def _other_size(folder: Path, target: Path) -> None:
         path = folder / f"wide_{role}.safetensors"
         save_file(random_kohya_lora(pipe, 4, 4.0, seed=seed), path)
         pair.append(LoraSpec(str(path), role))
-    merge_loras(str(folder / "wide"), pair, str(target), "klora", rules.RuleOptions(pattern="s*"), steps=8,
-                device="cpu")
+    merge_loras(MergeRequest(str(folder / "wide"), tuple(pair), str(target), "klora",
+                             rules.RuleOptions(pattern="s*"), steps=8, device="cpu"))
 
 
 BAD = {"tampered": ("tensor hash does not match", lambda files, target: _tampered(files.klora, target)),
