@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 import torch
-from lorasched.calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
-from lorasched.calibration.probes import DEFAULT_EMBEDDER
-from lorasched.merge import rules
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.schedule import REFERENCE_STEPS
 from tqdm import tqdm
+
+from .calibration.embedders import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_EMBEDDER
+from .merge import rules
+from .merge.errors import LoraschedError
+from .merge.schedule import REFERENCE_STEPS
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -114,9 +114,9 @@ def _merge(base, subjects, styles, others, method, steps, device, dtype, output,
            style_images, balance_betas, balance_gamma_scales, clip, dino, group=None, **method_options):
     """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`);
     `method_options`: every method's options as parsed (None where not given)."""
-    from lorasched.convert import Balance, Calibration, MergeRequest, merge_loras
-    from lorasched.merge.checks import parse_floats, parse_lora, parse_seeds
-    from lorasched.merge.lora import STYLE, SUBJECT
+    from .convert import Balance, Calibration, MergeRequest, merge_loras
+    from .merge.checks import parse_floats, parse_lora, parse_seeds
+    from .merge.lora import STYLE, SUBJECT
 
     loras = [parse_lora(text, SUBJECT, "--subject") for text in subjects] + \
         [parse_lora(text, STYLE, "--style") for text in styles] + [parse_lora(text) for text in others]
@@ -149,7 +149,7 @@ def _wrote(result) -> str:
 
 
 def _searched(search) -> str:
-    from lorasched.merge.report import knobs
+    from .merge.report import knobs
 
     return (f"balance auto: {knobs(search.record()['chosen'])} of {len(search.scores)} candidates (best harmonic "
             f"mean of CLIP subject and style fidelity); {search.generated} probe images made, {search.resumed} "
@@ -158,8 +158,8 @@ def _searched(search) -> str:
 
 def _merge_row(row):
     """One manifest row as its own single-process merge (module-level, so a process pool can run it)."""
-    from lorasched.calibration.distributed import Group, current
-    from lorasched.many import timed
+    from .distributed import Group, current
+    from .many import timed
 
     def run(row) -> str:
         try:
@@ -180,8 +180,8 @@ def _merge_row(row):
 def merge_many(manifest, base, jobs) -> None:
     """Merge every row of a CSV manifest (subject, style, method, options, output[, base]) and print a summary;
     rows whose output is up to date are skipped, and a failing row does not stop the others."""
-    from lorasched.calibration.distributed import current
-    from lorasched.many import read_manifest, run_rows, table
+    from .distributed import current
+    from .many import read_manifest, run_rows, table
 
     if jobs < 1:
         raise LoraschedError(f"--jobs {jobs}: need at least 1")
@@ -202,12 +202,12 @@ def merge_many(manifest, base, jobs) -> None:
 def inspect(path, max_layers, png_path, allow_pickle) -> None:
     """Print a scheduled file's sources, method, parameters and each layer's switch points;
     for any other LoRA file, its format, architecture, modules, ranks, alphas, dtypes and metadata keys."""
-    from lorasched.merge import fileformat, report
-    from lorasched.merge.lora_io import read_tensors
+    from .merge import fileformat, report
+    from .merge.lora_io import read_tensors
 
     read_tensors(path, allow_pickle)  # one-line errors for a missing, truncated or non-safetensors file
     if Path(path).suffix != ".safetensors" or not fileformat.is_scheduled(path):
-        from lorasched.merge.anatomy import describe, inspect_lora
+        from .merge.anatomy import describe, inspect_lora
 
         if png_path:
             raise LoraschedError(f"{path}: not a lorasched file, so there is no schedule for --png to draw")
@@ -218,7 +218,7 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
     for line in report.summary_lines(scheduled) + [""] + report.table_lines(scheduled, max_layers):
         click.echo(line)
     if png_path:
-        from lorasched.merge.heatmap import draw_schedule
+        from .merge.heatmap import draw_schedule
 
         draw_schedule(scheduled, report.decided_layers(scheduled), int(scheduled.params.get("steps", REFERENCE_STEPS)), png_path)
         click.echo(f"wrote {png_path}")
@@ -245,8 +245,8 @@ def inspect(path, max_layers, png_path, allow_pickle) -> None:
 def verify(path, base, prompts, seeds, steps, guidance, resolution, mode, device, min_agreement, report_dir,
            subjects, styles) -> None:
     """Run the online rule and the replay side by side on held-out prompts/seeds and report how they differ."""
-    from lorasched.convert import verify_file
-    from lorasched.merge.checks import parse_seeds
+    from .convert import verify_file
+    from .merge.checks import parse_seeds
 
     result = verify_file(
         path, base, prompts, parse_seeds(seeds), steps, guidance, resolution, mode, device, report_dir,
@@ -283,8 +283,8 @@ def eval_files(paths, base, subject_images, style_images, prompts, seeds, steps,
                mode, device, report_dir) -> None:
     """Generate with each scheduled file and print its subject fidelity, style fidelity, text alignment, their
     means and the time per image, side by side (CLIP and DINO cosines, as the papers measure them)."""
-    from lorasched.convert import evaluate_files
-    from lorasched.merge.checks import parse_seeds
+    from .convert import evaluate_files
+    from .merge.checks import parse_seeds
 
     result = evaluate_files(
         paths, base, subject_images, style_images, prompts, parse_seeds(seeds), steps, guidance, resolution, clip,

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .calibration import distributed
-from .calibration.distributed import Group
-from .calibration.evaluate import EvalResult
-from .calibration.metrics import DEFAULT_CLIP, DEFAULT_DINO
+from . import distributed
+from .calibration.embedders import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_EMBEDDER
 from .calibration.online import DIGITS
-from .calibration.probes import DEFAULT_EMBEDDER
-from .calibration.verify import VerifyResult, verify, write_report
+from .distributed import Group
+from .evaluation.evaluate import EvalResult
+from .evaluation.verify import VerifyResult, verify, write_report
 from .merge import export, fileformat, rules
 from .merge.checks import LoraSpec, check_report_dir, check_size, check_sources, check_steps, pick_device
 from .merge.errors import LoraschedError
@@ -32,7 +31,7 @@ class MergeResult:
     schedule: Schedule
     params: dict
     decided: int
-    search: object | None = None  # calibration.balance.Search of `--balance auto`
+    search: object | None = None  # evaluation.balance.Search of `--balance auto`
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class Calibration:
 @dataclass(frozen=True)
 class Balance:
     """`--balance auto`: the reference images the search scores against, its grid (None: the method's default,
-    see calibration/balance.py) and the embedders that score."""
+    see evaluation/balance.py) and the embedders that score."""
 
     subject_images: str | None
     style_images: str | None
@@ -71,7 +70,7 @@ class Balance:
     dino: str = DEFAULT_DINO
 
     def check(self, method: Method, options: RuleOptions, group: Group) -> None:
-        from .calibration.balance import grid
+        from .evaluation.balance import grid
 
         if not method.balance_knob:
             knobs = ", ".join(name for name in rules.names() if rules.get(name).balance_knob)
@@ -95,7 +94,7 @@ class MergeRequest:
     `loras`: the inputs with their roles and strengths (`LoraSpec`); `method`: a registered method's name
     (`rules.names()`), `options` its options (anything it does not take is refused). Weight-only methods: `steps`
     is the reference step count `inspect` shows; feature-kl, and EST without β: the step count of the calibration
-    (or probe) passes. `balance`: first search the method's balance knob (calibration/balance.py)."""
+    (or probe) passes. `balance`: first search the method's balance knob (evaluation/balance.py)."""
 
     base: str
     loras: tuple[LoraSpec, ...]
@@ -122,7 +121,7 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
                 search_bar=None) -> MergeResult | None:
     """Read, score (or calibrate), schedule and export the request's LoRAs.
 
-    Under a launcher (`accelerate launch -m lorasched merge …`, see calibration/distributed.py) every process
+    Under a launcher (`accelerate launch -m lorasched merge …`, see distributed.py) every process
     calls this; calibration runs are shared among them and only the main process writes the file and returns a
     result (the others return None). `group` None: the launch this process belongs to. `progress` wraps the
     per-module scoring loop, `bar(total)` makes the progress bar of the calibration runs, `search_bar(total)`
@@ -165,7 +164,7 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
     search = None
     if method.calibrated:
         if balance is not None:
-            from .calibration.balance import feature_kl_knob
+            from .evaluation.balance import feature_kl_knob
 
             knob = feature_kl_knob(pipe, loraset, method.settings(options).temperature)
             search = _search_balance(pipe, loraset, method, request.base, balance, knob, prompts, calibration, steps,
@@ -189,7 +188,7 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
         loraset = method.prepare(loraset, options)
         rule, params = method.build(loraset, options, device, progress, steps)
         if balance is not None:
-            from .calibration.balance import switch_knob
+            from .evaluation.balance import switch_knob
 
             search = _search_balance(pipe, loraset, method, request.base, balance, switch_knob(rule, params),
                                      prompts, calibration, steps, size, output, device, search_bar)
@@ -264,8 +263,8 @@ def _search_balance(pipe, pair, method, base, balance: Balance, knob, prompts, c
                     size, output, device, bar):
     """`--balance auto`: the search over the method's balance `knob`, on the calibration's prompts, seeds,
     guidance and size, logged next to the output (an interrupted search resumes)."""
-    from .calibration.balance import SearchSettings, grid, search
-    from .calibration.metrics import load_judge
+    from .evaluation.balance import SearchSettings, grid, search
+    from .evaluation.metrics import load_judge
 
     judge = load_judge(balance.clip, balance.dino, balance.subject_images, balance.style_images, device)
     settings = SearchSettings(
@@ -287,10 +286,10 @@ def evaluate_files(paths, base: str, subject_images: str, style_images: str, pro
                    mode: str = "fused", device: str = "auto", report_dir: str | None = None, bar=None) -> EvalResult:
     """`lorasched eval`: check the files and arguments, read the references, load the embedders and the base
     with its weights, generate with each file and score; write the report folder when asked."""
-    from .calibration.evaluate import evaluate, write_report
-    from .calibration.metrics import load_judge
     from .calibration.pipeline import default_size, load_pipeline
     from .calibration.prompts import read_prompts
+    from .evaluation.evaluate import evaluate, write_report
+    from .evaluation.metrics import load_judge
 
     for path in paths:
         read_tensors(path)  # one-line errors for a missing, truncated or non-safetensors file

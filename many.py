@@ -18,7 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
-from .calibration.distributed import Group
+from .distributed import Group
 from .merge import fileformat
 from .merge.errors import LoraschedError
 from .merge.lora_io import file_sha256

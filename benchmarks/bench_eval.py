@@ -74,9 +74,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512 if gpu else 128)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
-    from lorasched.calibration.balance import SearchSettings, grid, search, switch_knob
-    from lorasched.calibration.evaluate import evaluate, render
-    from lorasched.calibration.metrics import load_judge
+    from lorasched.evaluation.balance import SearchSettings, grid, search, switch_knob
+    from lorasched.evaluation.evaluate import evaluate, render
+    from lorasched.evaluation.metrics import load_judge
     from lorasched.convert import merge
     from lorasched.merge import rules
     from lorasched.merge.lora_io import read_pair

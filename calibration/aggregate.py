@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraSet
-from lorasched.merge.schedule import AXIS_NOISE, Schedule, fixed_phases
-
+from ..merge.errors import LoraschedError
+from ..merge.lora import LoraSet
+from ..merge.schedule import AXIS_NOISE, Schedule, fixed_phases
 from .online import CODES, DIGITS
 from .runner import Log
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from lorasched.merge.clock import Clock
-from lorasched.merge.lora import BOTH, STATIC, STYLE, SUBJECT, LoraModule, LoraSet
-from lorasched.merge.names import get_module
-from lorasched.merge.rules.feature_kl import divergences
 
+from ..merge.clock import Clock
+from ..merge.lora import BOTH, STATIC, STYLE, SUBJECT, LoraModule, LoraSet
+from ..merge.names import get_module
+from ..merge.rules.feature_kl import divergences
 
 CODES = {(0,): "c", (1,): "s", (0, 1): "b", (): "n"}  # a pair's selections as the calibration log writes them
 DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # several subjects or styles: the winning source's index

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lorasched.merge.base import resolve_base
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.quiet import collected_loading_messages
+
+from ..merge.base import resolve_base
+from ..merge.errors import LoraschedError
+from ..merge.quiet import collected_loading_messages
 
 
 def run_dtype(device: str, pipeline_class: str) -> torch.dtype:

@@ -10,15 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import STYLE, SUBJECT, LoraSet
-from lorasched.merge.quiet import collected_loading_messages
-from lorasched.merge.rules.direct import DirectRule
 from PIL import Image
 
+from ..merge.errors import LoraschedError
+from ..merge.lora import STYLE, SUBJECT, LoraSet
+from ..merge.quiet import collected_loading_messages
+from ..merge.rules.direct import DirectRule
+from .embedders import DEFAULT_EMBEDDER
 from .online import OnlineRule
-
-DEFAULT_EMBEDDER = "facebook/dino-vits16"
 
 
 def load_embedder(name: str, device: str, option: str = "--embedder"):

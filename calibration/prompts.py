@@ -6,8 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import STYLE, SUBJECT, LoraFile, LoraSet
+from ..merge.errors import LoraschedError
+from ..merge.lora import STYLE, SUBJECT, LoraFile, LoraSet
 
 
 def read_prompts(given: tuple[str, ...]) -> list[str]:

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraSet
-from lorasched.merge.rules.feature_kl import balance
 
-from .distributed import Group
+from ..distributed import Group
+from ..merge.errors import LoraschedError
+from ..merge.lora import LoraSet
+from ..merge.rules.feature_kl import balance
 from .online import OnlineRule
 
 LOG_VERSION = 1

@@ -21,11 +21,11 @@ import torch
 
 from . import rules
 from .errors import FormatError
+from .rules.method import Method, ParamsCheck, finite
 from .schedule import Schedule
 from .schema import (FORMAT_VERSION, KEY_METHOD, KEY_MODULES, KEY_PARAMS, KEY_SCHEDULE, KEY_SOURCES,
                      KEY_TENSOR_FORMAT, KEY_TENSOR_HASH, KEY_VERSION, ScheduledFile, is_scheduled, tensor_sha256)
 from .schema import read as read_schema
-from .rules.method import Method, ParamsCheck, finite
 from .tensorfile import DTYPE_NAMES, LAYOUT_RANK
 
 __all__ = ["FORMAT_VERSION", "KEY_METHOD", "KEY_MODULES", "KEY_PARAMS", "KEY_SCHEDULE", "KEY_SOURCES",

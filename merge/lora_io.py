@@ -27,8 +27,8 @@ from safetensors import SafetensorError, safe_open
 
 from .adapters import adapted
 from .base import Skeleton, load_skeleton
-from .errors import LoraschedError
 from .checks import LoraSpec
+from .errors import LoraschedError
 from .lora import STYLE, SUBJECT, LoraFile, LoraModule, LoraSet, Source, denoiser_name
 from .names import SgmLayout
 from .quiet import collected_loading_messages

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 from conftest import run
-from lorasched.calibration.balance import Candidate, Knob, SearchSettings, grid, search, switch_knob
-from lorasched.calibration.evaluate import render
-from lorasched.calibration.metrics import load_judge
+from lorasched.evaluation.balance import Candidate, Knob, SearchSettings, grid, search, switch_knob
+from lorasched.evaluation.evaluate import render
+from lorasched.evaluation.metrics import load_judge
 from lorasched.calibration.online import OnlineRule
 from lorasched.calibration.runner import read_log
-from lorasched.calibration.verify import verify
+from lorasched.evaluation.verify import verify
 from lorasched.merge import fileformat, rules
 from lorasched.merge.errors import FormatError
 from lorasched.merge.schedule import from_rule

@@ -8,7 +8,7 @@ import torch
 from conftest import run
 from lorasched.calibration.aggregate import aggregate, suppress_short_runs
 from lorasched.calibration.runner import Log, Settings, calibrate, read_log
-from lorasched.calibration.verify import verify
+from lorasched.evaluation.verify import verify
 from lorasched.merge import fileformat, rules
 from lorasched.merge.errors import LoraschedError
 from lorasched.merge.heatmap import block_of, schedule_cells, split_panels

@@ -3,7 +3,6 @@ and noise level q = 1 - t/T. Replay and the online reference both read time thro
 the clock itself can catch a misread timestep."""
 
 import pytest
-import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                        HeunDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import run
-from lorasched.calibration.metrics import (
+from lorasched.evaluation.metrics import (
     Fidelity,
     Judge,
     References,

@@ -2,6 +2,8 @@
 the online reference reads time through the clock, never through the replay hook it is the reference for."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +32,26 @@ def test_merge_imports_nothing_above_it():
 
 def test_calibration_imports_no_job_and_the_online_reference_not_the_hook():
     for path in (ROOT / "calibration").glob("*.py"):
-        above = {n for n in imported(path) if n.startswith(("lorasched.convert", "lorasched.cli"))}
+        above = {n for n in imported(path) if n.startswith(("lorasched.convert", "lorasched.cli",
+                                                             "lorasched.evaluation", "lorasched.many"))}
         assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}"
     online = imported(ROOT / "calibration" / "online.py")
     assert "lorasched.merge.clock" in online and not any(n.startswith("lorasched.merge.replay") for n in online)
+
+
+def test_evaluation_imports_no_job():
+    for path in (ROOT / "evaluation").glob("*.py"):
+        above = {n for n in imported(path) if n.startswith(("lorasched.convert", "lorasched.cli", "lorasched.many"))}
+        assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}"
+
+
+def test_the_command_line_loads_neither_the_calibration_stack_nor_pil():
+    """`lorasched --help` (and a mistyped option) answers from the CLI module: the converter's denoising, embedding
+    and image code load when a command runs."""
+    code = ("import sys, lorasched.cli; print(' '.join(sorted(m for m in sys.modules if m.startswith(('PIL', "
+            "'lorasched.calibration', 'lorasched.evaluation', 'transformers')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["lorasched.calibration", "lorasched.calibration.embedders"], loaded
 
 
 def test_the_replay_hook_imports_only_torch_safetensors_and_the_standard_library():

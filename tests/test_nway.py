@@ -273,7 +273,7 @@ def test_bad_sets_are_refused_in_one_line_without_output(tiny_base, more_loras, 
 
 
 def test_verify_rebuilds_the_nway_rule_from_the_file_alone(nway, pipe64):
-    from lorasched.calibration.verify import verify
+    from lorasched.evaluation.verify import verify
 
     path, _ = nway
     result = verify(pipe64, path, ["a photo of sks dog"], [3], 8, 7.5, 32)

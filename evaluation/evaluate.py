@@ -1,5 +1,5 @@
 """`lorasched eval`: generate with each scheduled file (replayed by `attach`) and score the outputs the way the
-papers do (calibration/metrics.py), so files of any method can be compared side by side on the same prompts,
+papers do (evaluation/metrics.py), so files of any method can be compared side by side on the same prompts,
 seeds and references. The report folder keeps the numbers (eval.json, eval.csv) and a contact sheet to look at.
 """
 
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from lorasched.merge import fileformat
-from lorasched.merge.replay import attach
 from PIL import Image, ImageDraw, ImageFont
 
+from ..calibration.runner import seeded_generators
+from ..merge import fileformat
+from ..merge.replay import attach
 from .metrics import DERIVED, LABELS, Fidelity, Judge
-from .runner import seeded_generators
 
 
 def render(pipe, prompt: str, seed: int, steps: int, guidance: float, size: int) -> tuple[Image.Image, float]:

@@ -5,7 +5,7 @@ Candidates: K-LoRA and EST, the ramp offset β × a scale on the pair's γ; feat
 γ favours the style). Each candidate generates the probe images (prompts × seeds, at the merge's steps and size)
 with its rule run online (calibration/online.py: for the weight-only rules exactly what replaying its file does,
 for feature-kl the rule its calibration then approximates). Each image is scored against the reference images
-(calibration/metrics.py); the candidate whose mean scores have the best harmonic mean of CLIP subject and style
+(evaluation/metrics.py); the candidate whose mean scores have the best harmonic mean of CLIP subject and style
 fidelity wins, ties going to the first in grid order.
 
 Every scored image is appended to a JSONL log as soon as it is made (first line: the search's settings and the
@@ -21,15 +21,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import LoraSet
-from lorasched.merge.rules.feature_kl import FeatureKLRule
-from lorasched.merge.rules.switch import SwitchRule
-
+from ..calibration.online import OnlineRule
+from ..calibration.runner import Runner, Settings, append_records, gamma_from_balance_run
+from ..merge.errors import LoraschedError
+from ..merge.lora import LoraSet
+from ..merge.rules.feature_kl import FeatureKLRule
+from ..merge.rules.switch import SwitchRule
 from .evaluate import render
 from .metrics import Fidelity, Judge
-from .online import OnlineRule
-from .runner import Runner, Settings, append_records, gamma_from_balance_run
 
 LOG_VERSION = 1
 OBJECTIVE = "harmonic_clip"  # Fidelity property the search maximises

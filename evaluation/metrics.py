@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.quiet import collected_loading_messages
 from PIL import Image, UnidentifiedImageError
 
-from .probes import DEFAULT_EMBEDDER, embed, load_embedder, unloadable
+from ..calibration.probes import embed, load_embedder, unloadable
+from ..merge.errors import LoraschedError
+from ..merge.quiet import collected_loading_messages
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_DINO = DEFAULT_EMBEDDER
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from lorasched.merge import fileformat, rules
-from lorasched.merge.errors import LoraschedError
-from lorasched.merge.lora import STATIC, LoraFile, LoraModule, LoraSet, Source, denoiser_name
-from lorasched.merge.replay import attach, source_factors
-from lorasched.merge.report import decided_layers
-from lorasched.merge.schedule import AXIS_PROGRESS
 
-from .distributed import Group
-from .aggregate import SOURCE_OF
-from .online import OnlineRule
-from .runner import seeded_generators
+from ..calibration.aggregate import SOURCE_OF
+from ..calibration.online import OnlineRule
+from ..calibration.runner import seeded_generators
+from ..distributed import Group
+from ..merge import fileformat, rules
+from ..merge.errors import LoraschedError
+from ..merge.lora import STATIC, LoraFile, LoraModule, LoraSet, Source, denoiser_name
+from ..merge.replay import attach, source_factors
+from ..merge.report import decided_layers
+from ..merge.schedule import AXIS_PROGRESS
 
 
 def loras_from_file(scheduled: fileformat.ScheduledFile, pipe) -> LoraSet:
@@ -226,7 +226,7 @@ def verify(pipe, path, prompts: list[str], seeds: list[int], steps: int, guidanc
 
 def write_report(result: VerifyResult, scheduled: fileformat.ScheduledFile, folder) -> None:
     """report.json (the numbers, inf PSNR as null), schedule.png and agreement.png (layers × steps)."""
-    from lorasched.merge.heatmap import draw_agreement, draw_schedule
+    from ..merge.heatmap import draw_agreement, draw_schedule
 
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
