@@ -208,6 +208,8 @@ def _module(component: str, model: torch.nn.Module, path: str, down: torch.Tenso
     elif isinstance(layer, torch.nn.modules.conv._ConvNd):
         kernel = tuple(layer.kernel_size)
         shapes = (rank, layer.in_channels, *kernel), (layer.out_channels, rank, *(1,) * len(kernel))
+        if down.dim() == 2 and tuple(down.shape) == (rank, math.prod(shapes[0][1:])) and up.dim() == 2:
+            down, up = down.reshape(shapes[0]), up.reshape(shapes[1])  # LyCORIS keeps a conv kernel in its columns
     else:
         raise LoraschedError(f"{source}: does not fit this base model ({component}.{path} is a "
                              f"{type(layer).__name__}, not a Linear or convolution a LoRA can adapt)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import lycoris
 from .errors import LoraschedError
 from .lora_io import ADAPTER_METADATA, PEFT_WRAPPER_PREFIX, check_lora_tensors, describe_riders, read_tensors, riders
 
@@ -67,9 +68,9 @@ def layout(keys: list[str]) -> str:
     """The trainer family the key names belong to (diffusers' converters decide the mapping at merge time)."""
     text = " ".join(keys[:4000])
     if ".hada_" in text:
-        return "LyCORIS LoHa"
+        return "LyCORIS LoHa (read as LoRA factors, exactly)"
     if ".lokr_" in text:
-        return "LyCORIS LoKr"
+        return "LyCORIS LoKr (read as LoRA factors, exactly)"
     if all(k.count(":") == 2 for k in keys):
         return "cloneofsimo lora_diffusion (indexed keys)"
     if "_lora_down.weight" in text:
@@ -148,14 +149,17 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> Anatomy:
     tensors, metadata = read_tensors(path, allow_pickle)
     if not tensors:
         raise LoraschedError(f"{path}: holds no tensors")
+    factors = tensors  # LoKr/LoHa: the LoRA factors lorasched converts them to (their ranks are those)
     try:
-        check_lora_tensors(path, tensors)
+        family = lycoris.kind(tensors)
+        factors = lycoris.to_lora(tensors, family) if family else tensors
+        check_lora_tensors(path, factors)
         refusal = None
     except LoraschedError as exc:
         refusal = str(exc).removeprefix(f"{path}: ")
     extra = riders(tensors)
     stems = {stem(k) for k in tensors if k not in extra}
-    ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(DOWN_SUFFIXES) and t.dim() >= 2)
+    ranks = Counter(t.shape[0] for k, t in factors.items() if k.endswith(DOWN_SUFFIXES) and t.dim() >= 2)
     parts = Counter(next((part for prefix, part in TEXT_ENCODER_PARTS if s.startswith(prefix)), None) for s in stems)
     parts.pop(None, None)
     return Anatomy(

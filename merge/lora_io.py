@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import lycoris
 from .adapters import adapted
 from .base import Skeleton, load_skeleton
 from .checks import LoraSpec
@@ -34,12 +35,6 @@ from .names import SgmLayout
 from .quiet import collected_loading_messages
 from .tensorfile import TensorFile
 
-UNSUPPORTED_MARKERS = {
-    "hada_": "LyCORIS LoHa",
-    "lokr_": "LyCORIS LoKr",
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
-}
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "_lora.down", "_lora.up", ".lora.down", ".lora.up",
                 "_lora1.down", "_lora2.down")  # the last two: XLabs FLUX (`processor.qkv_lora1.down.weight`)
 # Tensors that ride along in some LoRA files without being LoRA factors: textual-inversion embeddings saved by
@@ -145,9 +140,6 @@ def check_lora_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) ->
     extra = riders(tensors)
     keys = [key for key in tensors if key not in extra]
     besides = f" (besides {describe_riders(extra)})" if extra else ""
-    for marker, family in UNSUPPORTED_MARKERS.items():
-        if any(marker in key for key in keys):
-            raise LoraschedError(f"{path}: {family} weights are not supported (plain LoRA only)")
     for matches, problem in FOREIGN_LAYOUTS:
         if keys and matches(keys):
             doubled = ", doubled `lora_unet_unet_` prefix" if any(k.startswith("lora_unet_unet_") for k in keys) else ""
@@ -249,6 +241,12 @@ def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
     """Open and check a LoRA file: every problem found here is a one-line `LoraschedError`. A safetensors file's
     values are checked by `scan`, in the same read that hashes it."""
     tensors, metadata = open_tensors(path, allow_pickle)
+    try:
+        family = lycoris.kind(tensors)
+        if family is not None:
+            tensors = lycoris.to_lora(tensors, family)
+    except LoraschedError as exc:
+        raise LoraschedError(f"{path}: {exc}") from None
     check_lora_tensors(path, tensors)
     extra = riders(tensors)  # embeddings need a tokenizer, not a LoRA loader: not merged
     if isinstance(tensors, StoredTensors):

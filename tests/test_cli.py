@@ -56,8 +56,9 @@ def bad_files(tiny_base, kohya_pair, tmp_path_factory):
     nan[key][0, 0] = float("nan")
     files["nan"] = folder / "nan.safetensors"
     save_file(nan, files["nan"])
-    files["lokr"] = folder / "lokr.safetensors"
-    save_file({"lora_unet_x.lokr_w1": torch.randn(2, 2), "lora_unet_x.lokr_w2": torch.randn(2, 2)}, files["lokr"])
+    files["dora"] = folder / "dora.safetensors"
+    save_file({**good, **{key.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, 4) for key in good
+                          if key.endswith(".lora_down.weight")}}, files["dora"])
     files["pickle"] = folder / "weights.bin"
     torch.save(good, files["pickle"])
     return files
@@ -72,7 +73,7 @@ def bad_files(tiny_base, kohya_pair, tmp_path_factory):
         ("other-base", "does not fit this base model"),
         ("not-a-lora", "holds no LoRA factors"),
         ("nan", "NaN"),
-        ("lokr", "LyCORIS LoKr"),
+        ("dora", "DoRA weights (`…dora_scale…`) cannot be merged"),
         ("pickle", "pickle"),
     ],
 )
