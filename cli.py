@@ -90,6 +90,10 @@ def main() -> None:
               show_default=True, help="Tensor names of the output: kohya (lora_unet_…) or diffusers (PEFT lora_A/B); "
                                       "auto: kohya for SD1.x/SDXL, diffusers for FLUX/SD3.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin/.pt inputs with torch.load(weights_only=True).")
+@click.option("--rank", "rank", help="Output rank: each source's delta per layer re-factorised by truncated SVD to at "
+                                     "most R (`32`), or to the fewest singular values holding a share of its energy "
+                                     "(`energy:0.99`); layers already within it are kept exactly.")
+@click.option("--max-error", type=float, help="With --rank: refuse a layer whose relative error would exceed this.")
 @click.option("--balance", type=click.Choice(["off", "auto"]), default="off", show_default=True,
               help="auto: search β and the γ scale (feature-kl: the γ scale) on probe generations over --prompts × "
                    "--seeds at --steps, keep the best harmonic mean of subject and style fidelity.")
@@ -110,13 +114,15 @@ def merge(**params) -> None:
 
 
 def _merge(base, subjects, styles, others, method, steps, device, dtype, output, prompts, seeds, guidance,
-           resolution, batch_size, log_path, min_run, embedder, tensor_format, allow_pickle, balance, subject_images,
-           style_images, balance_betas, balance_gamma_scales, clip, dino, group=None, **method_options):
+           resolution, batch_size, log_path, min_run, embedder, tensor_format, allow_pickle, rank, max_error, balance,
+           subject_images, style_images, balance_betas, balance_gamma_scales, clip, dino, group=None,
+           **method_options):
     """The merge command's work from its parsed options (shared by `merge` and each row of `merge-many`);
     `method_options`: every method's options as parsed (None where not given)."""
     from .convert import Balance, Calibration, MergeRequest, merge_loras
     from .merge.checks import parse_floats, parse_lora, parse_seeds
     from .merge.lora import STYLE, SUBJECT
+    from .merge.rank import RankRequest
 
     loras = [parse_lora(text, SUBJECT, "--subject") for text in subjects] + \
         [parse_lora(text, STYLE, "--style") for text in styles] + [parse_lora(text) for text in others]
@@ -134,6 +140,7 @@ def _merge(base, subjects, styles, others, method, steps, device, dtype, output,
         base, tuple(loras), output, method, _rule_options(method_options), steps=steps, device=device,
         dtype=DTYPES[dtype], tensor_format=None if tensor_format == "auto" else tensor_format,
         allow_pickle=allow_pickle, calibration=calibration, balance=searched,
+        rank=None if rank is None else RankRequest.parse(rank), max_error=max_error,
     )
     return merge_loras(
         request, progress=_bar("scoring"), group=group,

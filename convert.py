@@ -20,6 +20,7 @@ from .merge.checks import LoraSpec, check_report_dir, check_size, check_sources,
 from .merge.errors import LoraschedError
 from .merge.lora import ROLES, STATIC, STYLE, SUBJECT
 from .merge.lora_io import read_set, read_tensors
+from .merge.rank import RankRequest, reduce
 from .merge.rules import Method, RuleOptions
 from .merge.schedule import REFERENCE_STEPS, Schedule, from_rule
 
@@ -94,7 +95,9 @@ class MergeRequest:
     `loras`: the inputs with their roles and strengths (`LoraSpec`); `method`: a registered method's name
     (`rules.names()`), `options` its options (anything it does not take is refused). Weight-only methods: `steps`
     is the reference step count `inspect` shows; feature-kl, and EST without β: the step count of the calibration
-    (or probe) passes. `balance`: first search the method's balance knob (evaluation/balance.py)."""
+    (or probe) passes. `balance`: first search the method's balance knob (evaluation/balance.py). `rank`: each
+    source's delta per layer re-factorised to that rank first (merge/rank.py), refused where a layer would lose
+    more than `max_error` of it."""
 
     base: str
     loras: tuple[LoraSpec, ...]
@@ -108,6 +111,8 @@ class MergeRequest:
     allow_pickle: bool = False
     calibration: Calibration = Calibration()
     balance: Balance | None = None
+    rank: RankRequest | None = None
+    max_error: float | None = None
 
 
 def merge(base: str, subject: str, style: str, output: str, method: str = "klora",
@@ -151,8 +156,13 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
     needs_runs = method.calibrated or probe_needed or balance is not None
     if not (group.is_main or method.calibrated):
         return None  # under a launcher, only calibration runs are shared; the main process does the rest
+    if request.max_error is not None and not (request.rank is not None and 0 <= request.max_error <= 1):
+        raise LoraschedError(f"--max-error {request.max_error}: give a fraction in [0, 1], with --rank")
     calibration = request.calibration
     loraset = read_set(request.base, loras, request.allow_pickle)
+    reduced = None
+    if request.rank is not None:
+        loraset, reduced = reduce(loraset, request.rank, request.max_error)
     device = group.device or pick_device(request.device)
     if needs_runs:
         from .calibration.pipeline import default_size, load_pipeline
@@ -202,6 +212,8 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
             raise LoraschedError(f"{output}: --method {method.name} leaves every denoiser layer without a LoRA for "
                                  "the whole run; nothing to write")
         scores, decided = getattr(rule, "scores", {}), len(rule.layers)
+    if reduced is not None and reduced.changed:
+        params["rank"] = reduced.record()
     export.export(output, loraset, schedule, method=method.name, params=params, scores=scores, dtype=request.dtype,
                   tensor_format=request.tensor_format)
     return MergeResult(Path(output), method.name, schedule, params, decided, search)

@@ -142,10 +142,14 @@ def _denoiser_keys(handed: _Handed, source: str):
     return state_dict, _create_lora_config(state_dict, network_alphas, metadata, rank)
 
 
+OLD_ATTENTION = ("to_q", "to_k", "to_v", "to_out")  # diffusers' old attention LoRA names: `to_q_lora.down`
+
+
 def _text_encoder_keys(handed: _Handed, source: str):
     """The keys and config a text encoder's load would inject (diffusers `_load_lora_into_text_encoder`)."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils.state_dict_utils import StateDictType
 
     prefix, network_alphas, metadata = handed.prefix, handed.network_alphas, handed.metadata
     if network_alphas and metadata:
@@ -156,7 +160,10 @@ def _text_encoder_keys(handed: _Handed, source: str):
     if not state_dict:
         return None
     _check_present(handed, source)
-    state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))
+    # diffusers names a kohya file's attention keys the old way (`to_q_lora`) and its MLP keys the new way, and
+    # infers the old format only from a `to_out_lora` key: a file without out_proj is then misread. Tell it.
+    old = StateDictType.DIFFUSERS_OLD if any(f"{p}_lora." in key for key in state_dict for p in OLD_ATTENTION) else None
+    state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict, original_type=old))
     if not hasattr(handed.component, "text_model"):  # a flattened CLIP (transformers 5)
         state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
     rank = {}

@@ -146,6 +146,7 @@ NESTED_PARAMS = {  # records any method's params may hold (inspect shows them)
     "calibration": ("prompts", "seeds", "guidance", "size", "mean_agreement", "log"),
     "beta_source": ("similarity", "embedder", "prompt", "seed", "steps"),
     "balance": ("objective", "candidates", "chosen", "prompts", "seeds", "steps", "size", "clip", "dino", "log"),
+    "rank": ("request", "max_error", "errors"),
 }
 
 

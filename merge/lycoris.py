@@ -9,7 +9,9 @@ included, written as `up · down` with `down` over the layer's flattened input (
 - LoKr: kron(U₁·D₁, U₂·D₂) = kron(U₁, U₂) · kron(D₁, D₂), rank r₁·r₂, scale alpha / (w2_b rows, else w1_b rows; 1
   without either);
 - LoHa: (U₁·D₁) ∘ (U₂·D₂) = (U₁ ⊙ U₂) · (D₁ ⊙ D₂), the row-wise and column-wise Khatri–Rao products, rank r₁·r₂,
-  scale alpha / (w1_b rows).
+  scale alpha / (w1_b rows);
+- LoCon with a Tucker core (`lora_mid`): the core folded into the 1×1 down, `down'[a, c] = Σ_b mid[a, b] down[b, c]`,
+  same rank and alpha (plain LoCon and kohya conv LoRAs need nothing: they are LoRAs).
 
 The factors are computed in float32 (products of two float16 or bfloat16 values are exact there) and written as
 kohya `lora_down` / `lora_up` with `alpha = scale · rank`, so every later step reads them as any kohya LoRA.
@@ -50,6 +52,8 @@ def kind(keys) -> str | None:
         return "LoKr"
     if any(".hada_w" in key for key in keys):
         return "LoHa"
+    if any(key.endswith(".lora_mid.weight") for key in keys):
+        return "LoCon-Tucker"
     return None
 
 
@@ -107,9 +111,26 @@ def _conv_shape(tensors: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, 
     return None
 
 
+def _fold_mid(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoCon's Tucker cores folded into their downs; every other key as it is."""
+    out = {key: tensors[key] for key in tensors if not key.endswith(".lora_mid.weight")}
+    for key in [key for key in tensors if key.endswith(".lora_mid.weight")]:
+        down_key = key.replace(".lora_mid.weight", ".lora_down.weight")
+        down, mid = tensors[down_key].to(torch.float32), tensors[key].to(torch.float32)
+        out[down_key] = torch.einsum("abkl,bc->ackl", mid, down.flatten(1)).contiguous()
+        up_key = key.replace(".lora_mid.weight", ".lora_up.weight")
+        out[up_key] = tensors[up_key].to(torch.float32)
+    return out
+
+
 def to_lora(tensors: Mapping[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """The kohya LoRA (`lora_down`, `lora_up`, `alpha` per module) of a LoKr or LoHa state dict; keys of other
-    modules (plain LoRA modules beside them) pass through."""
+    """The kohya LoRA (`lora_down`, `lora_up`, `alpha` per module) of a LoKr, LoHa or Tucker LoCon state dict; keys
+    of other modules (plain LoRA modules beside them) pass through."""
+    if family == "LoCon-Tucker":
+        try:
+            return _fold_mid(tensors)
+        except (KeyError, RuntimeError) as exc:
+            raise LoraschedError(f"LoCon Tucker core without its down and up factors ({exc})") from None
     markers = LOKR if family == "LoKr" else LOHA
     prefixes = sorted({key.rsplit(".", 1)[0] for key in tensors if key.rsplit(".", 1)[-1] in markers})
     converted = set(prefixes)

@@ -50,6 +50,7 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
     calibration = params.pop("calibration", None)
     probe = params.pop("beta_source", None)
     search = params.pop("balance", None)
+    reduced = params.pop("rank", None)
     gammas, norms, balances = params.pop("gammas", None), params.pop("norms", None), params.pop("balances", None)
     labels = source_labels(scheduled.roles)
     setting = rules.get(scheduled.method).setting(params)
@@ -77,6 +78,11 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
     if balances:
         lines.append("balances    b " + ", ".join(f"{labels[i]} {b:.4g}" for i, b in enumerate(balances)
                                                  if b is not None))
+    if reduced:
+        errors = reduced["errors"]
+        lines.append(f"rank        --rank {reduced['request']}: {len(errors)} layers re-factorised, worst relative error "
+                     f"{reduced['max_error']:.3%}" + (f" ({max(errors, key=lambda name: max(errors[name]))})"
+                                                      if errors else ""))
     for label, source in zip(labels, scheduled.sources):
         lines.append(f"{label:<11} {source.file}  sha256 {source.sha256[:12]}  {source.dtype}"
                      + (f"  strength {source.strength:g}" if source.strength != 1.0 else ""))
@@ -125,11 +131,16 @@ def table_lines(scheduled: ScheduledFile, max_layers: int | None = None) -> list
     width = max(len(name) for name in names)
     labels = source_labels(scheduled.roles)
     heading = "static c/s" if labels == ["subject", "style"] else "static " + "/".join(labels)
-    lines = [f"{'layer':<{width}}  {heading}  schedule"]
+    errors = scheduled.params.get("rank", {}).get("errors", {})  # --rank: each source's relative error
+    ranks = "ranks" + (" (error)" if errors else "")
+    lines = [f"{'layer':<{width}}  {heading}  {ranks:<12}  schedule"]
     for name in names[:max_layers]:
-        static = "/".join(f"{weight:.2f}" for weight in scheduled.modules[name].static)
+        record = scheduled.modules[name]
+        static = "/".join(f"{weight:.2f}" for weight in record.static)
+        rank = "/".join(map(str, record.ranks)) + (
+            " (" + "/".join(f"{error:.1%}" for error in errors[name]) + ")" if name in errors else "")
         phases = describe_phases(schedule.layers[name], steps, schedule, labels)
-        lines.append(f"{name:<{width}}  {static:<{len(heading)}}  {phases}")
+        lines.append(f"{name:<{width}}  {static:<{len(heading)}}  {rank:<12}  {phases}")
     if max_layers is not None and len(names) > max_layers:
         lines.append(f"… {len(names) - max_layers} more layers (--max-layers to show more)")
     return lines

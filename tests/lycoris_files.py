@@ -18,6 +18,7 @@ VARIANTS = {
     "loha": ("LohaModule", {}),
     "loha-tucker": ("LohaModule", {"use_tucker": True}),
     "locon": ("LoConModule", {}),
+    "locon-tucker": ("LoConModule", {"use_tucker": True}),
     "dora": ("LoConModule", {"weight_decompose": True}),
 }
 # UNet layers of every kind the variants treat differently: attention linears, 3x3 convs, 1x1 proj convs

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(REPO / "tests"))
 from lycoris_files import VARIANTS, save_lycoris  # noqa: E402
+from reference import reference_sample, sample  # noqa: E402
+from worlds import KLORA_STEPS, _merge, sd_conditioning  # noqa: E402
 
 ADAPTERS = {"lokr": LoKrAdapter, "loha": LoHaAdapter, "locon": LoRAAdapter}
 # The pinned ComfyUI's LoKr adapter fails on a Tucker conv (`kron(...).reshape` of a non-contiguous view: it logs
@@ -87,3 +89,20 @@ def test_a_dora_file_is_refused_in_one_line(world):
         read_set(str(folder / "base"), [LoraSpec(str(path), SUBJECT), LoraSpec(str(style), STYLE)])
     message = str(error.value)
     assert message.startswith(f"{path}: DoRA") and "base weights" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("variant", ["lokr-tucker", "loha-tucker"])
+def test_a_file_merged_from_a_lycoris_subject_replays_in_the_node(sd, sd_model, apply, variant, tmp_path):
+    """K-LoRA of a LyCORIS subject (Tucker convs) and the kohya style: the node's run equals the same model with
+    every step's weights set by hand from the file."""
+    subject = tmp_path / f"{variant}.safetensors"
+    save_lycoris(sd.pipe, variant, subject, seed=6)
+    path = _merge(sd.folder / "base", (subject, sd.pair[1]), tmp_path / f"{variant}_klora.safetensors")
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    conds = sd_conditioning(0)
+    (model, _) = apply(sd_model(), path)
+    out = sample(model, noise, conds, KLORA_STEPS, "euler", cfg=5.0)
+    reference = reference_sample(sd_model(), path, noise, conds, KLORA_STEPS, "euler", cfg=5.0)
+    base = sample(sd_model(), noise, conds, KLORA_STEPS, "euler", cfg=5.0)
+    assert (out - reference).abs().max().item() <= 1e-4
+    assert (out - base).abs().max().item() > 1e-2
