@@ -160,9 +160,7 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
         raise LoraschedError(f"--max-error {request.max_error}: give a fraction in [0, 1], with --rank")
     calibration = request.calibration
     loraset = read_set(request.base, loras, request.allow_pickle)
-    reduced = None
-    if request.rank is not None:
-        loraset, reduced = reduce(loraset, request.rank, request.max_error)
+    loraset, reduced = reduce(loraset, request.rank, request.max_error)
     device = group.device or pick_device(request.device)
     if needs_runs:
         from .calibration.pipeline import default_size, load_pipeline
@@ -212,7 +210,7 @@ def merge_loras(request: MergeRequest, *, progress=iter, bar=None, group: Group 
             raise LoraschedError(f"{output}: --method {method.name} leaves every denoiser layer without a LoRA for "
                                  "the whole run; nothing to write")
         scores, decided = getattr(rule, "scores", {}), len(rule.layers)
-    if reduced is not None and reduced.changed:
+    if reduced.changed:
         params["rank"] = reduced.record()
     export.export(output, loraset, schedule, method=method.name, params=params, scores=scores, dtype=request.dtype,
                   tensor_format=request.tensor_format)

@@ -86,6 +86,7 @@ class LoraFile:
     dtype: torch.dtype
     modules: dict[str, LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    family: str | None = None  # the LyCORIS family its factors were converted from (merge/lycoris.py), if any
 
 
 Selection = tuple[int, ...]  # the sources active in a layer, by index into `LoraSet.sources`, ascending

@@ -225,6 +225,7 @@ class RawLora:
     path: Path
     tensors: Mapping[str, torch.Tensor]
     metadata: dict[str, str]
+    family: str | None = None  # LyCORIS family the tensors were converted from
 
     @property
     def dtype(self) -> torch.dtype:
@@ -250,8 +251,8 @@ def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
     check_lora_tensors(path, tensors)
     extra = riders(tensors)  # embeddings need a tokenizer, not a LoRA loader: not merged
     if isinstance(tensors, StoredTensors):
-        return RawLora(Path(path), tensors.without(extra), metadata)
-    return RawLora(Path(path), {k: v for k, v in tensors.items() if k not in extra}, metadata)
+        return RawLora(Path(path), tensors.without(extra), metadata, family)
+    return RawLora(Path(path), {k: v for k, v in tensors.items() if k not in extra}, metadata, family)
 
 
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' own key: the LoraConfig a PEFT-format file was saved with
@@ -386,7 +387,7 @@ def read_lora(raw: RawLora, skeleton: Skeleton, adapter: str) -> LoraFile:
     """`read_modules`, with the file's hash (and so its values checked) and dtype."""
     digest = scan(raw)
     return LoraFile(path=str(raw.path), sha256=digest, dtype=raw.dtype, modules=read_modules(raw, skeleton, adapter),
-                    metadata=raw.metadata)
+                    metadata=raw.metadata, family=raw.family)
 
 
 def _strengthened(lora: LoraFile, strength: float) -> LoraFile:
@@ -413,7 +414,8 @@ def read_set(base: str, specs: list[LoraSpec], allow_pickle: bool = False) -> Lo
                                  "LoRA once")
     sources = tuple(
         Source(_strengthened(LoraFile(path=str(raw.path), sha256=digest, dtype=raw.dtype,
-                                      modules=read_modules(raw, skeleton, f"source{index}"), metadata=raw.metadata),
+                                      modules=read_modules(raw, skeleton, f"source{index}"), metadata=raw.metadata,
+                                      family=raw.family),
                              spec.strength), spec.role, spec.strength)
         for index, (spec, raw, digest) in enumerate(zip(specs, raws, digests))
     )

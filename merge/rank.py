@@ -58,17 +58,19 @@ class RankRequest:
         return min(int((share < self.energy - 1e-12).sum()) + 1, len(values))
 
 
-def truncated(module: LoraModule, request: RankRequest) -> tuple[LoraModule, float]:
-    """The module re-factorised at the request's rank, and the relative error; itself (error 0) when it already
-    fits a rank request."""
-    if request.rank is not None and module.rank <= request.rank:
+def truncated(module: LoraModule, request: RankRequest | None, cap: int | None = None) -> tuple[LoraModule, float]:
+    """The module re-factorised at the request's rank (and at most `cap`), and the relative error; itself (error 0)
+    when it already fits."""
+    fits = request is None or (request.rank is not None and module.rank <= request.rank)
+    if fits and (cap is None or module.rank <= cap):
         return module, 0.0
     down, up = module.down, module.up
     down2, up2 = down.flatten(1).to(torch.float64), up.flatten(1).to(torch.float64)
     q_up, r_up = torch.linalg.qr(up2)
     q_down, r_down = torch.linalg.qr(down2.T)
     u, values, vh = torch.linalg.svd(r_up @ r_down.T)
-    keep = request.keep(values)
+    keep = len(values) if request is None else request.keep(values)
+    keep = keep if cap is None else min(keep, cap)
     if keep == module.rank:
         return module, 0.0
     total = float((values**2).sum())
@@ -86,7 +88,7 @@ class Reduced:
     """What `reduce` did: per module name, each source's kept rank and relative error (sources it does not
     adapt: rank 0, error 0)."""
 
-    request: RankRequest
+    request: RankRequest | None  # None: only converted LyCORIS layers were capped
     ranks: dict[str, list[int]]
     errors: dict[str, list[float]]
     changed: bool  # some layer was re-factorised (else the set is the one read, and so is the file)
@@ -94,28 +96,41 @@ class Reduced:
     def record(self) -> dict:
         """What the file records (`params.rank`)."""
         worst = max((max(errors) for errors in self.errors.values()), default=0.0)
-        return {"request": str(self.request), "max_error": worst,
+        return {"request": None if self.request is None else str(self.request), "max_error": worst,
                 "errors": {name: errors for name, errors in sorted(self.errors.items()) if any(errors)}}
 
 
-def reduce(loras: LoraSet, request: RankRequest, max_error: float | None = None) -> tuple[LoraSet, Reduced]:
-    """The set with every source's modules at the requested rank; `max_error` refuses a layer that loses more."""
-    largest = max(module.rank for source in loras.sources for module in source.lora.modules.values())
-    if request.rank is not None and request.rank > largest:
-        raise LoraschedError(f"--rank {request.rank}: above every layer's rank (the largest is {largest}); it would "
-                             "change nothing")
+def worth_storing(module: LoraModule) -> int:
+    """The most rank a converted input keeps exactly: half of min(out, in·kh·kw); beyond, a dense delta is smaller."""
+    return max(min(module.up_shape[0], math.prod(module.down_shape[1:])) // 2, 1)
+
+
+def reduce(loras: LoraSet, request: RankRequest | None, max_error: float | None = None) -> tuple[LoraSet, Reduced]:
+    """The set with every source's modules at the requested rank, and the layers of converted LyCORIS inputs whose
+    exact rank exceeds what is worth storing (`worth_storing`) truncated there; `max_error` refuses a layer that
+    loses more. Sources neither applies to are not looked at."""
+    if request is not None and request.rank is not None:
+        largest = max(module.rank for source in loras.sources for module in source.lora.modules.values())
+        if request.rank > largest:
+            raise LoraschedError(f"--rank {request.rank}: above every layer's rank (the largest is {largest}); it "
+                                 "would change nothing")
     names = sorted({name for source in loras.sources for name in source.lora.modules})
     ranks = {name: [0] * len(loras.sources) for name in names}
     errors = {name: [0.0] * len(loras.sources) for name in names}
     sources, changed = [], False
     for index, source in enumerate(loras.sources):
+        if request is None and source.lora.family is None:
+            sources.append(source)
+            continue
         modules = {}
         for name, module in source.lora.modules.items():
-            modules[name], errors[name][index] = truncated(module, request)
-            changed |= modules[name] is not module
+            cap = worth_storing(module) if source.lora.family is not None else None
+            modules[name], errors[name][index] = truncated(module, request, cap)
             ranks[name][index] = modules[name].rank
+            changed |= modules[name] is not module
             if max_error is not None and errors[name][index] > max_error:
-                raise LoraschedError(f"{source.lora.path}: {name} at --rank {request} loses "
-                                     f"{errors[name][index]:.2%} of its delta, above --max-error {max_error:g}")
+                shown = "" if request is None else f" at --rank {request}"
+                raise LoraschedError(f"{source.lora.path}: {name}{shown} loses {errors[name][index]:.2%} of its "
+                                     f"delta, above --max-error {max_error:g}")
         sources.append(replace(source, lora=replace(source.lora, modules=modules)))
     return replace(loras, sources=tuple(sources)), Reduced(request, ranks, errors, changed)

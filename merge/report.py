@@ -80,7 +80,8 @@ def summary_lines(scheduled: ScheduledFile) -> list[str]:
                                                  if b is not None))
     if reduced:
         errors = reduced["errors"]
-        lines.append(f"rank        --rank {reduced['request']}: {len(errors)} layers re-factorised, worst relative error "
+        asked = f"--rank {reduced['request']}" if reduced["request"] else "LyCORIS layers capped at half min(out, in)"
+        lines.append(f"rank        {asked}: {len(errors)} layers re-factorised, worst relative error "
                      f"{reduced['max_error']:.3%}" + (f" ({max(errors, key=lambda name: max(errors[name]))})"
                                                       if errors else ""))
     for label, source in zip(labels, scheduled.sources):

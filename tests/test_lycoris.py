@@ -95,3 +95,38 @@ def test_a_lycoris_subject_replays_equal_to_its_online_rule(variant, method, lyc
         verified = run("verify", out, "--base", tiny_base, "--prompts", "a photo of sks dog", "--seeds", 0,
                        "--steps", 8, "--resolution", 32, "--subject", subject, "--style", style)
         assert verified.exit_code == 0 and "agreement   100.00%" in verified.output, verified.output
+
+
+def test_a_converted_rank_beyond_what_is_worth_storing_is_truncated_and_reported(tiny_base, kohya_pair, tmp_path):
+    """LoHa of factor rank 8 is a rank-64 LoRA, above half of the tiny layers' 32 or 64 columns: each such layer
+    keeps the best rank-16 or -32 factors, and the file records the error its discarded singular values make."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    subject = tmp_path / "loha8.safetensors"
+    save_lycoris(pipe, "loha", subject, seed=7, rank=8, text_encoder=False)
+    out = tmp_path / "direct.safetensors"
+    merged = run("merge", "--base", tiny_base, "--subject", subject, "--style", kohya_pair[1], "--method", "direct",
+                 "-o", out)
+    assert merged.exit_code == 0, merged.output
+    scheduled = schema.read(out, with_tensors=True)
+    record = scheduled.params["rank"]
+    assert record["request"] is None and 0 < record["max_error"] < 1 and record["errors"]
+    with safe_open(subject, "pt") as loha:
+        by_key = {r.key: name for name, r in scheduled.modules.items()}
+        for prefix in sorted({key.rsplit(".", 1)[0] for key in loha.keys()}):
+            name = by_key[prefix]
+            part = {n: loha.get_tensor(f"{prefix}.{n}").double() for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a",
+                                                                          "hada_w2_b", "alpha")}
+            exact = (part["hada_w1_a"] @ part["hada_w1_b"]) * (part["hada_w2_a"] @ part["hada_w2_b"])
+            exact *= float(part["alpha"]) / part["hada_w1_b"].shape[0]
+            down, up = scheduled.factors(name)[0]
+            kept = up.double().flatten(1) @ down.double().flatten(1)
+            values = torch.linalg.svdvals(exact.flatten(1))
+            cap = min(exact.flatten(1).shape) // 2
+            assert scheduled.modules[name].ranks[0] == min(64, cap)
+            predicted = float((values[cap:] ** 2).sum().sqrt() / values.norm())
+            assert float((exact.flatten(1) - kept).norm() / exact.norm()) == pytest.approx(predicted, abs=1e-5)
+            assert record["errors"].get(name, [0.0])[0] == pytest.approx(predicted, abs=1e-5)
+    inspected = run("inspect", out)
+    assert "LyCORIS layers capped at half min(out, in)" in inspected.output
