@@ -79,6 +79,8 @@ def scheduled_file(loras: LoraSet, path: Path):
 class PublishedKLora:
     """K-LoRA's decision the way the public code computes it: dense ΔW and top-K for both LoRAs on every call."""
 
+    reads_features = False  # decides from weights and time, as every weight-only rule
+
     def __init__(self, pair: LoraSet, rule) -> None:
         self.pair, self.rule = pair, rule
 
