@@ -200,7 +200,10 @@ def calibrate(pipe, pair: LoraSet, rule, settings: Settings, path: Path, batch_s
     log = log or read_log(path)
     if rule.reads_features:
         rule = rule.with_balance(log.gamma, settings.gamma_scale, tuple(s.role for s in pair.sources))
-    done = log.done() | {(run["prompt"], run["seed"]) for shard in _shards(path) for run in _shard_runs(shard, settings)}
+    # Every process reads the shards a dead launch left before any process writes its own (a shard being created
+    # is no log yet): the meeting of `_together` is that barrier.
+    done = _together(group, lambda: log.done() | {(run["prompt"], run["seed"]) for shard in _shards(path)
+                                                   for run in _shard_runs(shard, settings)})
     if bar is not None:
         bar.update(len(done) * settings.steps)
     runner = Runner(pipe, pair, settings, bar)
