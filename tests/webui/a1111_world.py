@@ -43,6 +43,8 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from broken_files import rewritten
+from shell import Options
 
 REPO = Path(__file__).resolve().parents[2]
 A1111 = REPO.parent / "shared" / "vendor" / "A1111"
@@ -70,19 +72,6 @@ OPTIONS = {
     "no_dpmpp_sde_batch_determinism": False, "list_hidden_files": True, "img2img_extra_noise": 0.0,
     "img2img_fix_steps": False,
 }
-
-
-class Options(dict):
-    """`shared.opts`: attribute access over OPTIONS."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name: str, value) -> None:
-        self[name] = value
 
 
 def walk_files(path: str, allowed_extensions=None):
@@ -534,43 +523,6 @@ def make_files(folder: Path) -> SimpleNamespace:
     }
     plain = rewritten(files["klora"], folder / "plain.safetensors", plain=True)
     return SimpleNamespace(pipe=pipe, files=files, plain=plain)
-
-
-def rewritten(source: Path, output: Path, *, plain: bool = False, tamper: bool = False, widen: int = 0,
-              architecture: str | None = None, version: str | None = None) -> Path:
-    """A changed copy of a lorasched file: `plain` without lorasched metadata; `tamper` one tensor changed (hash
-    kept); `widen` every factor's input wider (a model of another size); `architecture` the UNet keys renamed as
-    that architecture's (a FLUX-like block layout A1111's SD1 model lacks); `version` another format version. All
-    but `tamper` re-hash the tensors, so only the named problem is left."""
-    from lorasched.merge.schema import KEY_MODULES, KEY_TENSOR_HASH, KEY_VERSION, tensor_sha256
-
-    tensors = load_file(source)
-    with safe_open(source, "pt") as handle:
-        metadata = dict(handle.metadata())
-    if plain:
-        metadata = {key: value for key, value in metadata.items() if not key.startswith("lorasched.")}
-    if widen:
-        tensors = {key: torch.cat([value, value[:, :widen]], 1) if "lora_down" in key else value
-                   for key, value in tensors.items()}
-    if architecture:
-        records = json.loads(metadata[KEY_MODULES])
-        renamed = {}
-        for index, record in enumerate(records.values()):
-            if record["key"].startswith("lora_unet_"):
-                renamed[record["key"]] = record["key"] = f"lora_unet_double_blocks_{index}_img_attn_qkv"
-        tensors = {renamed.get(key.split(".", 1)[0], key.split(".", 1)[0]) + "." + key.split(".", 1)[1]: value
-                   for key, value in tensors.items()}
-        metadata[KEY_MODULES] = json.dumps(records)
-        metadata["ss_base_model_version"] = architecture
-    if version:
-        metadata[KEY_VERSION] = version
-    if not plain:
-        metadata[KEY_TENSOR_HASH] = tensor_sha256(tensors)
-    if tamper:
-        first = sorted(tensors)[0]
-        tensors[first] = tensors[first] * 1.01
-    save_file(tensors, output, metadata)
-    return output
 
 
 def measure(steps: int = 20, repeats: int = 5, sampler: str = "Euler", host: Host | None = None) -> dict:

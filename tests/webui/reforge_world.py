@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from shell import Options
 
 REPO = Path(__file__).resolve().parents[2]
 REFORGE = REPO.parent / "shared" / "vendor" / "reForge"
@@ -47,16 +48,6 @@ OPTIONS = {
     "lora_add_hashes_to_infotext": False, "lora_preferred_name": "Filename", "list_hidden_files": True,
     "lora_bundled_ti_to_infotext": False,
 }
-
-
-class Options(dict):
-    """`shared.opts`: attribute access over OPTIONS; an option not listed is missing (`getattr(opts, x, d)`)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class State(SimpleNamespace):
@@ -315,39 +306,6 @@ def make_files(folder: Path) -> SimpleNamespace:
             prompts=("a photo of sks dog",), seeds=(0, 1), size=32, guidance=5.0)),
     }
     return SimpleNamespace(pipe=pipe, files=files, plain=folder / "style.safetensors", folder=folder)
-
-
-def rewritten(path: Path, output: Path, *, version: str | None = None, tamper: bool = False, widen: int = 0,
-              architecture: str | None = None) -> Path:
-    """A copy of a lorasched file made wrong in one way: another format version; a tensor changed after export
-    (the recorded hash kept); factors `widen` inputs wider (a model of another size; hash recomputed); the keys
-    of another architecture (FLUX double-block names; hash recomputed)."""
-    import json
-
-    from lorasched.merge.schema import KEY_MODULES, KEY_TENSOR_HASH, KEY_VERSION, tensor_sha256
-    from safetensors.torch import load_file, save_file
-
-    tensors, metadata = load_file(path), dict(_read_metadata(str(path)))
-    if widen:
-        tensors = {name: torch.cat([value, value.new_zeros(value.shape[0], widen)], 1) if ".lora_down." in name
-                   else value for name, value in tensors.items()}
-    if architecture:
-        records = json.loads(metadata[KEY_MODULES])
-        renames = {record["key"]: f"lora_unet_double_blocks_{index}_img_attn_qkv"
-                   for index, record in enumerate(records.values())}
-        for record in records.values():
-            record["key"] = renames[record["key"]]
-        tensors = {renames[name.split(".")[0]] + name[name.index("."):]: value for name, value in tensors.items()}
-        metadata.update({KEY_MODULES: json.dumps(records), "ss_base_model_version": architecture})
-    if widen or architecture:
-        metadata[KEY_TENSOR_HASH] = tensor_sha256(tensors)
-    if tamper:
-        name = sorted(tensors)[0]
-        tensors[name] = tensors[name] * 1.01
-    if version:
-        metadata[KEY_VERSION] = version
-    save_file(tensors, output, metadata)
-    return output
 
 
 # Model evaluations per step, read off ldm_patched/k_diffusion/sampling.py (the last step, ending at sigma 0, takes

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import a1111_world as world  # noqa: E402
+from broken_files import broken  # noqa: E402
 
 TOLERANCE = 1e-4
 ROUNDING = 1e-5  # relative: float32 sums in another order, through a tiny random model that amplifies them
@@ -34,14 +35,7 @@ def a1111(tmp_path_factory) -> SimpleNamespace:
     made = world.make_files(folder)
     for path in [*made.files.values(), made.plain]:
         shutil.copy(path, loras / path.name)
-    good = made.files["klora"]
-    bad = {
-        "tampered": (world.rewritten(good, loras / "tampered.safetensors", tamper=True), "tensor hash does not match"),
-        "other size": (world.rewritten(good, loras / "wider.safetensors", widen=8), "model of another size"),
-        "other architecture": (world.rewritten(good, loras / "flux.safetensors", architecture="flux1"),
-                               "have no weight in this model"),
-        "format 3": (world.rewritten(good, loras / "future.safetensors", version="3"), "format 3 is not supported"),
-    }
+    bad = broken(made.files["klora"], loras)
     host = world.Host(loras).open()
     try:
         model = world.host_model(host, made.pipe)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from broken_files import rewritten
 from forge_world import LATENT, generate, make_files, make_world, measure, reference
 from lorasched.merge import fileformat
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 TOLERANCE = 1e-4  # float32 latents
 PROMPT = "a photo"
@@ -184,21 +184,6 @@ def test_a_sampler_without_sigmas_plays_the_static_mix(files, world, capsys):
     assert torch.equal(out, generate(world, prompt, 5, "DDIM", script=False))
 
 
-def _tampered(source: Path, target: Path) -> None:
-    with safe_open(source, "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(source)
-    key = sorted(key for key in tensors if key.startswith("lora_unet_"))[0]
-    tensors[key] = tensors[key] * 1.01
-    save_file(tensors, target, metadata)
-
-
-def _newer_format(source: Path, target: Path) -> None:
-    with safe_open(source, "pt") as handle:
-        metadata = handle.metadata()
-    save_file(load_file(source), target, {**metadata, "lorasched.format_version": "3"})
-
-
 def _other_size(folder: Path, target: Path) -> None:
     """A K-LoRA file merged by lorasched on a tiny SD1 pipeline whose UNet is wider (same layer names)."""
     from diffusers import UNet2DConditionModel
@@ -221,8 +206,8 @@ def _other_size(folder: Path, target: Path) -> None:
                              rules.RuleOptions(pattern="s*"), steps=8, device="cpu"))
 
 
-BAD = {"tampered": ("tensor hash does not match", lambda files, target: _tampered(files.klora, target)),
-       "newer_format": ("format 3", lambda files, target: _newer_format(files.klora, target)),
+BAD = {"tampered": ("tensor hash does not match", lambda files, target: rewritten(files.klora, target, tamper=True)),
+       "newer_format": ("format 3", lambda files, target: rewritten(files.klora, target, version="3")),
        "other_size": ("of another size", lambda files, target: _other_size(files.folder, target))}
 
 

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reforge_world as world  # noqa: E402
+from broken_files import broken  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -33,14 +34,7 @@ def reforge(tmp_path_factory) -> SimpleNamespace:
     made = world.make_files(folder)
     for path in [*made.files.values(), made.plain]:
         shutil.copy(path, loras / path.name)
-    good = made.files["klora"]
-    bad = {
-        "tampered": (world.rewritten(good, loras / "tampered.safetensors", tamper=True), "tensor hash does not match"),
-        "other size": (world.rewritten(good, loras / "wider.safetensors", widen=8), "model of another size"),
-        "other architecture": (world.rewritten(good, loras / "flux.safetensors", architecture="flux1"),
-                               "have no weight in this model"),
-        "format 3": (world.rewritten(good, loras / "future.safetensors", version="3"), "format 3"),
-    }
+    bad = broken(made.files["klora"], loras)
     host.networks.list_available_networks()  # the Lora page's refresh
     return SimpleNamespace(host=host, pipe=made.pipe, files=made.files, plain=made.plain, bad=bad,
                            model=world.sd_model(world.reforge_unet(made.pipe.unet)))
