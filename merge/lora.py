@@ -27,6 +27,14 @@ class Factor(Protocol):
     def load(self) -> torch.Tensor: ...
 
 
+def factor_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of ΔW = up · down (2-D, float64) from its factors, never the dense ΔW: (U, σ, V) with
+    ΔW = U diag(σ) Vᵀ. downᵀ = Q R, so ΔW = (up Rᵀ) Qᵀ and only up Rᵀ (out × r) is decomposed."""
+    basis, triangle = torch.linalg.qr(down.T)
+    left, values, right = torch.linalg.svd(up @ triangle.T, full_matrices=False)
+    return left, values, basis @ right.T
+
+
 class LoraModule:
     """One adapted module: `down` is (r, in[, kh, kw]), `up` is (out, r[, 1, 1]), ΔW = scale · up · down.
 

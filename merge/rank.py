@@ -1,9 +1,9 @@
 """The output rank (`--rank R`, `--rank energy:F`): each source's delta per layer re-factorised by a truncated SVD
 computed from its factors, never from a dense SVD of the layer.
 
-For ΔW = up · down (rank r): up = Q_u R_u and downᵀ = Q_d R_d (two thin QRs), so ΔW = Q_u (R_u R_dᵀ) Q_dᵀ and the
-SVD of the r × r core C = U Σ Vᵀ gives ΔW's own: the best rank-k ΔW is (Q_u U_k Σ_k)(Q_d V_k)ᵀ. `R` keeps at most R
-singular values; `energy:F` the fewest whose squares reach F of the total. A layer whose rank is already within the
+For ΔW = up · down (rank r), `lora.factor_svd` gives ΔW's own SVD U Σ Vᵀ from a thin QR of downᵀ and the SVD of
+the out × r matrix up Rᵀ (np-lora's style directions come from the same); the best rank-k ΔW is (U_k Σ_k)(V_k)ᵀ.
+`R` keeps at most R singular values; `energy:F` the fewest whose squares reach F of the total. A layer whose rank is already within the
 request keeps its factors untouched, so a request at or above every layer's rank changes nothing, not even the
 file's bytes (the request is recorded, `params.rank`, only when it re-factorised a layer). The error of a
 layer is the relative Frobenius norm of what was dropped, √(Σ dropped σ²) / ‖ΔW‖.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import LoraschedError
-from .lora import LoraModule, LoraSet
+from .lora import LoraModule, LoraSet, factor_svd
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,7 @@ def truncated(module: LoraModule, request: RankRequest | None, cap: int | None =
     if fits and (cap is None or module.rank <= cap):
         return module, 0.0
     down, up = module.down, module.up
-    down2, up2 = down.flatten(1).to(torch.float64), up.flatten(1).to(torch.float64)
-    q_up, r_up = torch.linalg.qr(up2)
-    q_down, r_down = torch.linalg.qr(down2.T)
-    u, values, vh = torch.linalg.svd(r_up @ r_down.T)
+    left, values, right = factor_svd(up.flatten(1).to(torch.float64), down.flatten(1).to(torch.float64))
     keep = len(values) if request is None else request.keep(values)
     keep = keep if cap is None else min(keep, cap)
     if keep == module.rank:
@@ -76,8 +73,8 @@ def truncated(module: LoraModule, request: RankRequest | None, cap: int | None =
     total = float((values**2).sum())
     error = math.sqrt(float((values[keep:] ** 2).sum()) / total) if total > 0 else 0.0
     dtype = torch.promote_types(down.dtype, torch.float32)
-    new_up = (q_up @ (u[:, :keep] * values[:keep])).to(dtype)
-    new_down = (q_down @ vh[:keep].T).T.to(dtype)
+    new_up = (left[:, :keep] * values[:keep]).to(dtype)
+    new_down = right[:, :keep].T.to(dtype)
     new_up = new_up.reshape(up.shape[0], keep, *up.shape[2:]).contiguous()
     new_down = new_down.reshape(keep, *down.shape[1:]).contiguous()
     return LoraModule(new_down, new_up, module.scale), error

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..lora import STYLE, SUBJECT, LoraModule, LoraSet
+from ..lora import STYLE, SUBJECT, LoraModule, LoraSet, factor_svd
 from ..schedule import REFERENCE_STEPS
 from .direct import DirectRule, fixed_from_file
 from .method import Method, Option, ParamsCheck, RuleOptions, count, finite
@@ -32,11 +32,10 @@ def style_directions(styles: list[LoraModule], directions: int | None = None) ->
     """V_k of ΔW_s = Σ scale·up·down, as (in·kh·kw, k) float64 columns, largest singular value first."""
     down = torch.cat([module.down.flatten(1).to(torch.float64) for module in styles], 0)
     up = torch.cat([module.up.flatten(1).to(torch.float64) * module.scale for module in styles], 1)
-    basis, triangle = torch.linalg.qr(down.T)  # downᵀ = Q R, so ΔW_s = (up Rᵀ) Qᵀ
-    _, values, right = torch.linalg.svd(up @ triangle.T, full_matrices=False)
+    _, values, right = factor_svd(up, down)
     kept = int((values > RANK_TOLERANCE * values.max()).sum()) if values.numel() and values.max() > 0 else 0
     k = kept if directions is None else min(directions, kept)
-    return basis @ right[:k].T
+    return right[:, :k]
 
 
 @dataclass(frozen=True)
