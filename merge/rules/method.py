@@ -97,7 +97,6 @@ class Method:
     numbers: tuple[str, ...] = ()  # params that must be finite numbers in a file of this method
     calibrated = False  # decided from denoising runs (on the noise axis), not from the weights
     balance_knob = False  # `--balance auto` has something to search (β, the γ scale)
-    max_sources: int | None = None  # the most LoRAs it selects among (None: any number)
     takes_static = True  # may be given static LoRAs (--lora)
 
     def settings(self, options: RuleOptions) -> Settings:

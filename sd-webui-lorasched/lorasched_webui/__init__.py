@@ -4,8 +4,9 @@ Each WebUI keeps its own LoRA machinery, so each has its own module here (`a1111
 same entry points the Script calls: `setup()` once when it loads (`unload()` when the WebUI unloads scripts),
 `process_batch(p)` after `<lora:…>` has loaded the prompt's files, and `process_before_every_sampling(p)` before
 every sampling run (the hires pass too), which returns the files it replays. `host()` picks the module of the
-WebUI it runs in, once. The reader (`schema.py`) and the ComfyUI-patcher replay (`patching.py`) are verbatim
-copies of lorasched's own, made by `make packs`.
+WebUI it runs in, once. `runs.py` places a model evaluation in the schedule its run was cut from (shared by the
+three), `library.py` says what the accordion and the infotext show. The reader (`schema.py`) and the
+ComfyUI-patcher replay (`patching.py`) are verbatim copies of lorasched's own, made by `make packs`.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ import networks
 import torch
 from modules import script_callbacks, shared
 from modules.script_callbacks import CFGDenoiserParams
-from modules.sd_samplers_common import setup_img2img_steps
 
 from .library import warn
+from .runs import progress
 from .schema import KEY_VERSION, FormatError, Layer, Selection, read
 
 FACTOR_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
@@ -198,27 +198,6 @@ class ModuleTypeScheduled(network.ModuleType):
         return module
 
 
-def progress(params: CFGDenoiserParams) -> float:
-    """p = n / N of this evaluation's step n in the full schedule of N steps, by A1111's own measure of a run's
-    progress (prompt editing, refiner switch by steps): the denoiser's count of the run's evaluations
-    (`CFGDenoiser.step`) over the evaluations it expects per step (`total_steps / steps`, 2 for second-order
-    samplers). Exact for the fixed-step samplers (first order; Heun, DPM2, DPM++ 2S a, DPM++ SDE evaluate twice per
-    step but once in the last). `params.sampling_step` cannot tell: k-diffusion's callback sets it after a step's
-    first evaluation, which is before Heun's second one. An img2img run (img2img, the hires pass) samples the last
-    t_enc + 1 steps of a schedule of `steps` (`setup_img2img_steps`, called as `sample_img2img` does): its p
-    continues that schedule's, as in reForge, Forge and the ComfyUI node."""
-    denoiser = params.denoiser
-    run = max(denoiser.steps, 1)
-    step = min(denoiser.step // max(denoiser.total_steps // run, 1), run - 1)
-    offset, total = 0, run
-    if denoiser.init_latent is not None:
-        p = denoiser.p
-        steps, t_enc = setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if p.is_hr_pass else None)
-        if t_enc + 1 == run:
-            offset, total = steps - run, steps
-    return (offset + step) / total
-
-
 def noise_level(params: CFGDenoiserParams) -> float:
     """q = 1 - t / T of this evaluation, t the timestep A1111 gives the model: k-diffusion's `sigma_to_t` of its
     sigma on the model's discrete schedule of T training steps; timestep samplers (DDIM, PLMS, UniPC) pass t."""
@@ -242,7 +221,7 @@ def on_cfg_denoiser(params: CFGDenoiserParams) -> None:
         changed = scheduled.set_replaying(replaying)
         if replaying:
             if scheduled.axis == "progress":
-                time = progress(params)
+                time = progress(params.denoiser)
             else:
                 time = noise_level(params)
             changed = [*changed, *scheduled.switch(time)]

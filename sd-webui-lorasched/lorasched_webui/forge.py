@@ -29,9 +29,9 @@ import torch
 from backend import memory_management, utils
 from backend.modules.k_prediction import Prediction
 from backend.patcher import lora as forge_lora
-from modules.sd_samplers_common import setup_img2img_steps
 
 from .library import warn
+from .runs import cut
 from .schema import FormatError, Layer, Selection, is_scheduled as has_schedule, read
 
 PATCH_TYPE = "lorasched"
@@ -234,7 +234,7 @@ def run_sigmas(p) -> tuple[list[float], int] | None:
     if not hasattr(sampler, "get_sigmas"):
         return None
     if getattr(p, "is_hr_pass", False) or getattr(p, "init_latent", None) is not None:
-        steps, t_enc = setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if p.is_hr_pass else None)
+        steps, t_enc = cut(p)
         return sampler.get_sigmas(p, steps)[steps - t_enc - 1:].tolist(), steps - t_enc - 1
     return sampler.get_sigmas(p, p.steps).tolist(), 0
 

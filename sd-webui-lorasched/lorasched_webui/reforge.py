@@ -30,10 +30,10 @@ import ldm_patched.modules.utils
 import torch
 from ldm_patched.modules.weight_adapter.base import WeightAdapterBase
 from ldm_patched.modules.weight_adapter.lora import LoRAAdapter
-from modules.sd_samplers_common import setup_img2img_steps
 
 from .library import warn
 from .patching import Host, Switcher, noise_levels, patch_class, scheduled_patches, weight_key
+from .runs import progress
 from .schema import KEY_VERSION, PEFT_TO_HOOK, FormatError, Layer, ScheduledFile, read
 
 HOST = Host(float=ldm_patched.float, lora=ldm_patched.modules.lora,
@@ -103,32 +103,11 @@ def on_cfg_denoiser(params) -> None:
     unet = denoiser.inner_model.inner_model.forge_objects.unet
     for replay in _replays(unet):
         if replay.axis == "progress":
-            time = _progress(denoiser)
+            time = progress(denoiser)
         else:
             time = noise_levels(HOST, replay.path, params.sigma.reshape(-1)[:1],
                                 unet.get_model_object("model_sampling"))[0]
         replay.advance(unet, time)
-
-
-def _progress(denoiser) -> float:
-    """p = n / N of the evaluation's step in the full schedule, by reForge's own accounting of a run: `steps` (the
-    run's steps) and `total_steps` (the evaluations its sampler's config plans, 2 per step for second-order ones) set
-    by `launch_sampling`, `step` the evaluations done so far (its refiner switch reads step / total_steps alike)."""
-    offset, total = _place(denoiser)
-    run = denoiser.steps
-    return (offset + min(denoiser.step * run // denoiser.total_steps, run - 1)) / total
-
-
-def _place(denoiser) -> tuple[int, int]:
-    """Where a run's steps sit in the schedule it was cut from, (first step, its length): an img2img run (the hires
-    pass, img2img) samples the last t_enc + 1 sigmas of a schedule of `steps` steps (`setup_img2img_steps`, called
-    as processing does), so its p continues a full run's, as the ComfyUI node places a run of denoise < 1."""
-    run = denoiser.steps
-    if denoiser.init_latent is None:  # txt2img: the whole schedule
-        return 0, run
-    p = denoiser.p
-    steps, t_enc = setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if p.is_hr_pass else None)
-    return (steps - run, steps) if t_enc + 1 == run else (0, run)
 
 
 def _replays(unet) -> tuple[Switcher, ...]:

@@ -56,7 +56,7 @@ DENOISE = 0.5  # the hires pass's denoising strength
 LATENT = (1, 4, 16, 16)  # the tiny pipeline's 32x32 images
 EVALS_PER_STEP = {"Euler": 1, "Heun": 2}  # model evaluations per step, the last step one (read off k-diffusion)
 OWNED = ("modules", "k_diffusion", "gradio", "fastapi", "network", "networks", "network_", "lora", "lora_",
-         "lyco_helpers", "extra_networks_lora", "lorasched_webui.a1111")
+         "lyco_helpers", "extra_networks_lora", "lorasched_webui.a1111", "lorasched_webui.runs")
 
 # A1111's defaults of the options the exercised code reads; an option not listed is missing (`getattr(opts, x, d)`).
 OPTIONS = {
