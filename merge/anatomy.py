@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import lycoris
 from .errors import LoraschedError
-from .lora_io import ADAPTER_METADATA, PEFT_WRAPPER_PREFIX, check_lora_tensors, describe_riders, read_tensors, riders
+from .lora_io import ADAPTER_METADATA, PEFT_WRAPPER_PREFIX, describe_riders, lora_factors, read_tensors, riders
 
 # Per-module factor suffixes of each layout, longest first: the rest of a key is the module's stem.
 # XLabs' `qkv_lora1`/`qkv_lora2` (image/text stream) are two modules: only the generic `.down.weight` is cut off them.
@@ -151,9 +150,7 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> Anatomy:
         raise LoraschedError(f"{path}: holds no tensors")
     factors = tensors  # LoKr/LoHa: the LoRA factors lorasched converts them to (their ranks are those)
     try:
-        family = lycoris.kind(tensors)
-        factors = lycoris.to_lora(tensors, family) if family else tensors
-        check_lora_tensors(path, factors)
+        factors, _ = lora_factors(path, tensors)
         refusal = None
     except LoraschedError as exc:
         refusal = str(exc).removeprefix(f"{path}: ")

@@ -238,10 +238,9 @@ class RawLora:
         return functools.reduce(torch.promote_types, factors)
 
 
-def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
-    """Open and check a LoRA file: every problem found here is a one-line `LoraschedError`. A safetensors file's
-    values are checked by `scan`, in the same read that hashes it."""
-    tensors, metadata = open_tensors(path, allow_pickle)
+def lora_factors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """A file's tensors as the LoRA factors lorasched reads (LyCORIS LoKr/LoHa converted, `lycoris.py`), checked,
+    and the LyCORIS family they came from (None for a LoRA)."""
     try:
         family = lycoris.kind(tensors)
         if family is not None:
@@ -249,6 +248,14 @@ def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
     except LoraschedError as exc:
         raise LoraschedError(f"{path}: {exc}") from None
     check_lora_tensors(path, tensors)
+    return tensors, family
+
+
+def open_lora(path: str | Path, allow_pickle: bool = False) -> RawLora:
+    """Open and check a LoRA file: every problem found here is a one-line `LoraschedError`. A safetensors file's
+    values are checked by `scan`, in the same read that hashes it."""
+    tensors, metadata = open_tensors(path, allow_pickle)
+    tensors, family = lora_factors(path, tensors)
     extra = riders(tensors)  # embeddings need a tokenizer, not a LoRA loader: not merged
     if isinstance(tensors, StoredTensors):
         return RawLora(Path(path), tensors.without(extra), metadata, family)
